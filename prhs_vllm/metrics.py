@@ -1,0 +1,207 @@
+"""Sparse-decode counters: accumulated where attention runs, exported on
+vLLM's `/metrics` and in logs.
+
+vLLM runs attention in engine-core / worker processes while `/metrics` is
+served by the API-server process. Workers write their totals to a small JSON
+file per process in a directory named by ``PRHS_STATS_DIR`` (set by the plugin
+in the first process, inherited by the processes vLLM spawns); the API server
+registers a Prometheus collector that sums those files at scrape time. Device
+counters are only read at flush time, so there is no host sync per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("prhs_vllm")
+
+STATS_DIR_ENV = "PRHS_STATS_DIR"
+FLUSH_INTERVAL_ENV = "PRHS_STATS_FLUSH_S"
+
+# name -> (prometheus type, help). Counters end in _total in the exposition.
+METRICS: dict[str, tuple[str, str]] = {
+    "prhs_sparse_steps": ("counter", "Scheduler steps with at least one sparse decode row."),
+    "prhs_sparse_decode_tokens": ("counter", "Decode tokens whose attention ran sparse."),
+    "prhs_dense_decode_tokens": ("counter", "Decode tokens that ran dense (context too short)."),
+    "prhs_sparse_layer_rows": ("counter", "Sparse (token, layer) attention calls."),
+    "prhs_pages_kept": ("counter", "KV pages read by sparse attention, summed over KV heads."),
+    "prhs_pages_total": ("counter", "KV pages holding context in sparse steps, same sum."),
+    "prhs_est_dropped_mass_sum": ("counter", "Sum of estimated dropped mass per (row, KV head)."),
+    "prhs_certified_dropped_mass_sum": (
+        "counter",
+        "Sum of certified upper bounds on dropped mass per (row, KV head).",
+    ),
+    "prhs_head_selections": ("counter", "Number of (row, layer, KV head) selections."),
+}
+_DEVICE_FIELDS = (
+    "prhs_sparse_layer_rows",
+    "prhs_pages_kept",
+    "prhs_pages_total",
+    "prhs_est_dropped_mass_sum",
+    "prhs_certified_dropped_mass_sum",
+    "prhs_head_selections",
+)
+
+
+def ensure_stats_dir_env() -> str:
+    """Name a per-server stats directory in the environment (created lazily)."""
+    path = os.environ.get(STATS_DIR_ENV)
+    if not path:
+        path = os.path.join(tempfile.gettempdir(), f"prhs-stats-{os.getpid()}-{time.time_ns()}")
+        os.environ[STATS_DIR_ENV] = path
+    return path
+
+
+class StepStats:
+    """Per-process accumulator. Device counters stay on the device until flush."""
+
+    def __init__(self) -> None:
+        self._host: dict[str, float] = {name: 0.0 for name in METRICS}
+        self._device: Any = None  # torch tensor [len(_DEVICE_FIELDS)] float64
+        self._last_flush = 0.0
+        self._last_log = time.monotonic()
+        self._flush_interval = float(os.environ.get(FLUSH_INTERVAL_ENV, "1.0"))
+        self.log_interval_s = 30.0
+
+    def record_step(self, sparse_rows: int, dense_decode_rows: int) -> None:
+        """Host-side counts known when a step's metadata is built."""
+        if sparse_rows:
+            self._host["prhs_sparse_steps"] += 1
+        self._host["prhs_sparse_decode_tokens"] += sparse_rows
+        self._host["prhs_dense_decode_tokens"] += dense_decode_rows
+
+    def record_layer(self, keep_counts, num_pages, est_kept_mass, certified_dropped) -> None:
+        """Add one layer's selection stats (device tensors, no sync).
+
+        Args:
+            keep_counts: [N, Hkv] int pages kept; num_pages: [N] int pages of context;
+            est_kept_mass, certified_dropped: [N, Hkv] float32.
+        """
+        import torch
+
+        rows, heads = keep_counts.shape
+        values = torch.stack(
+            [
+                torch.tensor(float(rows), dtype=torch.float64, device=keep_counts.device),
+                keep_counts.sum().to(torch.float64),
+                (num_pages.sum() * heads).to(torch.float64),
+                (1.0 - est_kept_mass).clamp(min=0).sum().to(torch.float64),
+                certified_dropped.sum().to(torch.float64),
+                torch.tensor(float(rows * heads), dtype=torch.float64, device=keep_counts.device),
+            ]
+        )
+        self._device = values if self._device is None else self._device + values
+
+    def totals(self) -> dict[str, float]:
+        """Current totals (reads device counters: a sync on GPU)."""
+        totals = dict(self._host)
+        if self._device is not None:
+            for name, value in zip(_DEVICE_FIELDS, self._device.tolist()):
+                totals[name] += value
+        return totals
+
+    def maybe_flush(self, force: bool = False) -> None:
+        """Write totals to this process's stats file, at most once per interval."""
+        now = time.monotonic()
+        if not force and now - self._last_flush < self._flush_interval:
+            return
+        self._last_flush = now
+        totals = self.totals()
+        directory = Path(ensure_stats_dir_env())
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / f"prhs-{os.getpid()}.json"
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(json.dumps(totals))
+        os.replace(tmp, target)
+        if self.log_interval_s > 0 and now - self._last_log >= self.log_interval_s:
+            self._last_log = now
+            logger.info("prhs stats: %s", format_summary(totals))
+
+
+def format_summary(totals: dict[str, float]) -> str:
+    """One line: sparse tokens, kept fraction, mean estimated / certified dropped mass."""
+    heads = totals.get("prhs_head_selections", 0.0)
+    pages = totals.get("prhs_pages_total", 0.0)
+    kept = totals["prhs_pages_kept"] / pages if pages else 0.0
+    est = totals["prhs_est_dropped_mass_sum"] / heads if heads else 0.0
+    cert = totals["prhs_certified_dropped_mass_sum"] / heads if heads else 0.0
+    return (
+        f"sparse_tokens={int(totals['prhs_sparse_decode_tokens'])} "
+        f"dense_decode_tokens={int(totals['prhs_dense_decode_tokens'])} "
+        f"kept_fraction={kept:.3f} est_dropped={est:.4f} certified_dropped={cert:.4f}"
+    )
+
+
+_STATS: StepStats | None = None
+
+
+def process_stats() -> StepStats:
+    """The accumulator of this process (one per worker)."""
+    global _STATS
+    if _STATS is None:
+        _STATS = StepStats()
+    return _STATS
+
+
+def read_totals(directory: str | None = None) -> dict[str, float] | None:
+    """Sum the stats files of all worker processes of this server.
+
+    Returns None when no worker has written stats (prhs not in use).
+    """
+    directory = directory or os.environ.get(STATS_DIR_ENV)
+    if not directory or not os.path.isdir(directory):
+        return None
+    files = list(Path(directory).glob("prhs-*.json"))
+    if not files:
+        return None
+    totals = {name: 0.0 for name in METRICS}
+    for path in files:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a file being replaced right now; next scrape reads it
+        for name in totals:
+            totals[name] += float(data.get(name, 0.0))
+    return totals
+
+
+class PrhsCollector:
+    """Prometheus collector reading the worker stats files at scrape time."""
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        totals = read_totals()
+        if totals is None:
+            return  # prhs is not serving here: /metrics stays as vLLM's own
+        for name, (kind, help_text) in METRICS.items():
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(name, help_text, value=totals[name])
+        pages = totals["prhs_pages_total"]
+        yield GaugeMetricFamily(
+            "prhs_kept_fraction",
+            "Fraction of context pages read by sparse attention (cumulative).",
+            value=totals["prhs_pages_kept"] / pages if pages else 0.0,
+        )
+
+
+_COLLECTOR_REGISTERED = False
+
+
+def register_collector() -> None:
+    """Add the collector to prometheus_client's default registry, once."""
+    global _COLLECTOR_REGISTERED
+    if _COLLECTOR_REGISTERED:
+        return
+    try:
+        from prometheus_client import REGISTRY
+    except ImportError:
+        return
+    REGISTRY.register(PrhsCollector())
+    _COLLECTOR_REGISTERED = True

@@ -1,0 +1,21 @@
+"""Pure-torch reference ops: the test oracle and the CPU path."""
+
+from prhs_vllm.ops.ref.selection import (
+    Selection,
+    SelectionParams,
+    dropped_mass_upper_bound,
+    page_logits,
+    select_pages,
+)
+from prhs_vllm.ops.ref.sparse_decode import sparse_paged_decode
+from prhs_vllm.ops.ref.summaries import update_page_summaries
+
+__all__ = [
+    "Selection",
+    "SelectionParams",
+    "dropped_mass_upper_bound",
+    "page_logits",
+    "select_pages",
+    "sparse_paged_decode",
+    "update_page_summaries",
+]
