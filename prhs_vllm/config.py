@@ -115,7 +115,7 @@ class PrhsConfig(BaseModel):
             "the page being written included)."
         ),
     )
-    """Most recent tokens always kept (rounded up to whole pages, the page being written included)."""
+    """Most recent tokens always kept (whole pages, the page being written included)."""
 
     block_pages: Literal[1, 2, 4, 8] = Field(
         default=1,
@@ -176,7 +176,9 @@ class PrhsConfig(BaseModel):
     def _block_pages_exact_int(cls, value: Any) -> Any:
         # Literal validation would otherwise accept True (== 1) and 2.0 (== 2).
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"Input should be 1, 2, 4 or 8 (an integer, not {type(value).__name__})")
+            raise ValueError(
+                f"Input should be 1, 2, 4 or 8 (an integer, not {type(value).__name__})"
+            )
         return value
 
     @field_validator("dense_layers")

@@ -31,7 +31,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "prhs_dense_decode_tokens": ("counter", "Decode tokens that ran dense (context too short)."),
     "prhs_sparse_layer_rows": ("counter", "Sparse (token, layer) attention calls."),
     "prhs_pages_kept": ("counter", "KV pages read by sparse attention, summed over KV heads."),
-    "prhs_pages_total": ("counter", "KV pages holding context in sparse steps, same sum."),
+    "prhs_context_pages": ("counter", "KV pages holding context in sparse steps, same sum."),
     "prhs_est_dropped_mass_sum": ("counter", "Sum of estimated dropped mass per (row, KV head)."),
     "prhs_certified_dropped_mass_sum": (
         "counter",
@@ -42,7 +42,7 @@ METRICS: dict[str, tuple[str, str]] = {
 _DEVICE_FIELDS = (
     "prhs_sparse_layer_rows",
     "prhs_pages_kept",
-    "prhs_pages_total",
+    "prhs_context_pages",
     "prhs_est_dropped_mass_sum",
     "prhs_certified_dropped_mass_sum",
     "prhs_head_selections",
@@ -127,7 +127,7 @@ class StepStats:
 def format_summary(totals: dict[str, float]) -> str:
     """One line: sparse tokens, kept fraction, mean estimated / certified dropped mass."""
     heads = totals.get("prhs_head_selections", 0.0)
-    pages = totals.get("prhs_pages_total", 0.0)
+    pages = totals.get("prhs_context_pages", 0.0)
     kept = totals["prhs_pages_kept"] / pages if pages else 0.0
     est = totals["prhs_est_dropped_mass_sum"] / heads if heads else 0.0
     cert = totals["prhs_certified_dropped_mass_sum"] / heads if heads else 0.0
@@ -183,7 +183,7 @@ class PrhsCollector:
         for name, (kind, help_text) in METRICS.items():
             family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             yield family(name, help_text, value=totals[name])
-        pages = totals["prhs_pages_total"]
+        pages = totals["prhs_context_pages"]
         yield GaugeMetricFamily(
             "prhs_kept_fraction",
             "Fraction of context pages read by sparse attention (cumulative).",

@@ -40,3 +40,4 @@ def register() -> None:
     metrics.ensure_stats_dir_env()
     metrics.register_collector()
     _registered = True
+

@@ -93,7 +93,7 @@ def test_reference_markdown():
     lines = md.strip().splitlines()
     assert lines[0] == "| field | type / allowed | default | description |"
     assert len(lines) == 2 + len(FIELDS)
-    for name, line in zip(FIELDS, lines[2:]):
+    for name, line in zip(FIELDS, lines[2:], strict=True):
         assert line.startswith(f"| `{name}` |")
         assert PrhsConfig.model_fields[name].description in line
     assert "| `budget` | float, > 0, <= 1 | `0.125` |" in md

@@ -114,6 +114,17 @@ class PageSummaries:
         return 3 * 4 * num_kv_heads * head_dim
 
 
+def _install_memory_accounting() -> None:
+    # Runs when vLLM first imports the backend class, inside the worker process
+    # (whose worker module is already loaded), before the KV cache is sized.
+    from vllm.platforms import current_platform
+
+    _compat.reserve_summary_memory(PageSummaries.bytes_per_page, current_platform.is_cpu())
+
+
+_install_memory_accounting()
+
+
 class PrhsBuilderMixin:
     """Wraps the platform builder: its metadata plus the sparse rows."""
 

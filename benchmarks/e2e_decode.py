@@ -1,0 +1,133 @@
+"""End-to-end decode throughput of vLLM with the dense backend and with prhs.
+
+One engine per process: `--backend dense|prhs` runs one configuration and
+appends a JSON line to `--out`. Decode tokens/s is measured as
+batch * output_len / (t(prefill + output_len tokens) - t(prefill + 1 token)),
+with prefix caching off so both runs prefill the same work.
+
+Example (H100, LLaMA-3-8B shape with dummy weights, batch 12 x 32K):
+  python benchmarks/e2e_decode.py --model llama3-8b-dummy --backend prhs \
+      --batch 12 --context 32768 --output-len 64 --out benchmarks/results/e2e.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "silu",
+    "torch_dtype": "bfloat16",
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+
+
+def dummy_model_dir(config: dict) -> str:
+    """A folder holding only config.json, for load_format='dummy'."""
+    path = Path(tempfile.mkdtemp(prefix="prhs-dummy-"))
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="llama3-8b-dummy", help="HF folder or llama3-8b-dummy")
+    parser.add_argument("--backend", choices=["dense", "prhs"], required=True)
+    parser.add_argument("--config", default=None, help="prhs YAML config (default: built-in)")
+    parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--out", default=None, help="append a JSON line here")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    dummy = args.model == "llama3-8b-dummy"
+    model = dummy_model_dir(LLAMA3_8B) if dummy else args.model
+    kwargs = dict(
+        model=model,
+        max_model_len=args.context + args.output_len + 8,
+        max_num_seqs=args.batch,
+        enable_prefix_caching=False,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
+        dtype="bfloat16",
+    )
+    if dummy:
+        kwargs.update(load_format="dummy", skip_tokenizer_init=True)
+    if args.backend == "prhs":
+        kwargs["attention_backend"] = "prhs"
+        if args.config:
+            kwargs["additional_config"] = {"prhs": {"config": args.config}}
+    llm = LLM(**kwargs)
+
+    generator = torch.Generator().manual_seed(0)
+    prompts = [
+        TokensPrompt(prompt_token_ids=torch.randint(100, 30000, (args.context,), generator=generator).tolist())
+        for _ in range(args.batch)
+    ]
+
+    def timed(max_tokens: int) -> tuple[float, list]:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - start, outputs
+
+    timed(1)  # warm-up
+    t_prefill, _ = timed(1)
+    t_full, outputs = timed(1 + args.output_len)
+    decode_s = t_full - t_prefill
+    result = {
+        "backend": args.backend,
+        "model": args.model,
+        "config": args.config,
+        "batch": args.batch,
+        "context": args.context,
+        "output_len": args.output_len,
+        "prefill_s": round(t_prefill, 3),
+        "decode_s": round(decode_s, 3),
+        "decode_tok_per_s": round(args.batch * args.output_len / decode_s, 1),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+        "first_tokens": [list(o.outputs[0].token_ids[:16]) for o in outputs],
+    }
+    try:
+        from prhs_vllm.metrics import read_totals
+
+        result["prhs_totals"] = read_totals()
+    except ImportError:
+        pass
+    print(json.dumps(result))
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
