@@ -10,7 +10,7 @@ import sys
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
@@ -19,10 +19,13 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 def main() -> None:
     dense, other = (json.load(open(path)) for path in sys.argv[1:3])
     rows = []
-    for i, (a, b) in enumerate(zip(dense["tokens"], other["tokens"])):
+    for i, (a, b) in enumerate(zip(dense["tokens"], other["tokens"], strict=False)):
         key = dense["passkeys"][i]
-        found = "" if key is None else f" passkey dense={key in dense['texts'][i]} " + (
-            f"{other['backend']}={key in other['texts'][i]}"
+        found = (
+            ""
+            if key is None
+            else f" passkey dense={key in dense['texts'][i]} "
+            + (f"{other['backend']}={key in other['texts'][i]}")
         )
         diff = first_difference(a, b)
         rows.append(diff is None)

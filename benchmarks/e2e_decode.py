@@ -90,7 +90,11 @@ def main() -> None:
 
     generator = torch.Generator().manual_seed(0)
     prompts = [
-        TokensPrompt(prompt_token_ids=torch.randint(100, 30000, (args.context,), generator=generator).tolist())
+        TokensPrompt(
+            prompt_token_ids=torch.randint(
+                100, 30000, (args.context,), generator=generator
+            ).tolist()
+        )
         for _ in range(args.batch)
     ]
 

@@ -33,10 +33,9 @@ def main() -> None:
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 
     import torch
+    from e2e_decode import LLAMA3_8B, dummy_model_dir
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
-
-    from e2e_decode import LLAMA3_8B, dummy_model_dir
 
     dummy = args.model == "llama3-8b-dummy"
     kwargs = dict(
@@ -65,16 +64,14 @@ def main() -> None:
         ]
         keys = [None] * len(prompts)
     else:
-        from prhs_vllm.eval.passkey import make_passkey_prompt, random_passkey
+        from prhs_vllm.eval.passkey import passkey_cases
 
         prompts = list(SHORT_PROMPTS)
         keys = [None] * len(prompts)
-        tokenizer = llm.get_tokenizer()
-        for seed in range(args.num_passkeys if args.passkey else 0):
-            key = random_passkey(seed)
-            depth = (seed + 0.5) / args.num_passkeys
-            prompts.append(make_passkey_prompt(tokenizer, args.passkey, key, depth, seed))
-            keys.append(key)
+        if args.passkey:
+            for key, prompt in passkey_cases(llm.get_tokenizer(), args.passkey, args.num_passkeys):
+                prompts.append(prompt)
+                keys.append(key)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     outputs = llm.generate(prompts, params, use_tqdm=False)
     result = {

@@ -12,7 +12,9 @@ import logging
 import re
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from prhs_vllm import LOGGER_NAME
+
+logger = logging.getLogger(LOGGER_NAME)
 
 SUPPORTED_RANGE = ((0, 26), (0, 34))
 PRHS_MEMBER = "PRHS"
@@ -217,3 +219,16 @@ def reserve_summary_memory(summary_bytes_per_page, is_cpu: bool) -> None:
 
     determine_available_memory._prhs_wrapped = True  # type: ignore[attr-defined]
     worker_cls.determine_available_memory = determine_available_memory
+
+
+def cpu_attn_isa(dtype: Any, block_size: int, head_size: int, kv_cache_dtype: str) -> str:
+    """The kernel family CPU_ATTN uses ("vec", "vec16", "neon", "amx", ...).
+
+    Why: the family decides the KV-cache layout inside a page, which the
+    sparse path must read; vLLM exposes it only through a private helper
+    (`cpu_attn._get_attn_isa`, 0.32). Remove when: the CPU backend exposes
+    the layout.
+    """
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(dtype, block_size, head_size, kv_cache_dtype)

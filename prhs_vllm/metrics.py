@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger("prhs_vllm")
+from prhs_vllm import LOGGER_NAME
+
+logger = logging.getLogger(LOGGER_NAME)
 
 STATS_DIR_ENV = "PRHS_STATS_DIR"
 FLUSH_INTERVAL_ENV = "PRHS_STATS_FLUSH_S"
@@ -102,7 +104,7 @@ class StepStats:
         """Current totals (reads device counters: a sync on GPU)."""
         totals = dict(self._host)
         if self._device is not None:
-            for name, value in zip(_DEVICE_FIELDS, self._device.tolist()):
+            for name, value in zip(_DEVICE_FIELDS, self._device.tolist(), strict=False):
                 totals[name] += value
         return totals
 

@@ -149,7 +149,7 @@ def _convert(gguf_path: Path, dest: Path) -> None:
             try:
                 delattr(obj, "quantization_config")
             except AttributeError:
-                setattr(obj, "quantization_config", None)
+                obj.quantization_config = None
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
     if getattr(model, "is_quantized", False):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger("prhs_vllm")
+from prhs_vllm import LOGGER_NAME
+
+logger = logging.getLogger(LOGGER_NAME)
 
 CUDA_BACKEND = "prhs_vllm.backend.cuda.PrhsFlashAttentionBackend"
 CPU_BACKEND = "prhs_vllm.backend.cpu.PrhsCpuAttentionBackend"
@@ -40,4 +42,3 @@ def register() -> None:
     metrics.ensure_stats_dir_env()
     metrics.register_collector()
     _registered = True
-

