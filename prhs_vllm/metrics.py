@@ -42,12 +42,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "prhs_head_selections": ("counter", "Number of (row, layer, KV head) selections."),
 }
 _DEVICE_FIELDS = (
-    "prhs_sparse_layer_rows",
     "prhs_pages_kept",
     "prhs_context_pages",
     "prhs_est_dropped_mass_sum",
     "prhs_certified_dropped_mass_sum",
-    "prhs_head_selections",
 )
 
 
@@ -88,14 +86,16 @@ class StepStats:
         import torch
 
         rows, heads = keep_counts.shape
+        # Shapes are host ints; creating device scalars from them would copy
+        # from the host on every layer, so they are counted on the host.
+        self._host["prhs_sparse_layer_rows"] += rows
+        self._host["prhs_head_selections"] += rows * heads
         values = torch.stack(
             [
-                torch.tensor(float(rows), dtype=torch.float64, device=keep_counts.device),
                 keep_counts.sum().to(torch.float64),
                 (num_pages.sum() * heads).to(torch.float64),
                 (1.0 - est_kept_mass).clamp(min=0).sum().to(torch.float64),
                 certified_dropped.sum().to(torch.float64),
-                torch.tensor(float(rows * heads), dtype=torch.float64, device=keep_counts.device),
             ]
         )
         self._device = values if self._device is None else self._device + values

@@ -16,22 +16,18 @@ from typing import Any
 import torch
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 
-from prhs_vllm import LOGGER_NAME, _compat, metrics
+from prhs_vllm import LOGGER_NAME, _compat, metrics, ops
 from prhs_vllm.config import PrhsConfig, resolve_config
-from prhs_vllm.ops import (
-    SelectionParams,
-    dropped_mass_upper_bound,
-    select_pages,
-    sparse_paged_decode,
-    update_page_summaries,
-)
+from prhs_vllm.ops import SelectionParams, dropped_mass_upper_bound
 
 logger = logging.getLogger(LOGGER_NAME)
 
 
 @functools.lru_cache(maxsize=8)
 def _resolve_cached(additional_config_json: str) -> PrhsConfig:
-    return resolve_config(json.loads(additional_config_json) or None)
+    config = resolve_config(json.loads(additional_config_json) or None)
+    logger.info("%s; ops: %s", config.describe(), ops.kernel_report())
+    return config
 
 
 def config_for(vllm_config: Any) -> PrhsConfig:
@@ -47,13 +43,15 @@ class SparseRows:
     """The decode rows of one step that run sparse.
 
     token_idx: [S] long, row of each sparse token in the step's query tensor.
-    seq_lens: [S] int32 context lengths; block_table: [S, max_pages] page ids.
+    seq_lens: [S] int32 context lengths; block_table: [S, >=max_pages] page ids.
+    max_pages: pages of the longest sparse row (host int: no device sync).
     all_sparse: no other rows in the step, so the dense kernel is skipped.
     """
 
     token_idx: torch.Tensor
     seq_lens: torch.Tensor
     block_table: torch.Tensor
+    max_pages: int
     all_sparse: bool
 
 
@@ -67,18 +65,22 @@ class PrhsMetadata:
 
 
 def plan_sparse_rows(
-    common: Any, config: PrhsConfig, stats: metrics.StepStats
+    common: Any, config: PrhsConfig, stats: metrics.StepStats, block_size: int
 ) -> SparseRows | None:
     """Pick the decode rows whose context is long enough to run sparse.
 
     A row is sparse when it decodes one token (query length 1) and its
-    sequence length is at least ``config.min_context``.
+    sequence length is at least ``config.min_context``. Only host data is
+    read (no device sync where vLLM provides host sequence lengths).
     """
     num_reqs = common.num_reqs
     qsl = common.query_start_loc_cpu[: num_reqs + 1]
     query_lens = qsl[1:] - qsl[:-1]
-    seq_lens = _compat.seq_lens_host(common)
     decode = query_lens == 1
+    if common.max_seq_len < config.min_context:
+        stats.record_step(0, int(decode.sum()))
+        return None
+    seq_lens = _compat.seq_lens_host(common)
     sparse = decode & (seq_lens >= max(config.min_context, 1))
     num_sparse = int(sparse.sum())
     stats.record_step(num_sparse, int(decode.sum()) - num_sparse)
@@ -91,6 +93,7 @@ def plan_sparse_rows(
         token_idx=qsl[req_idx].to(device=device, dtype=torch.long),
         seq_lens=common.seq_lens[req_idx_dev],
         block_table=common.block_table_tensor[req_idx_dev],
+        max_pages=-(-int(seq_lens[sparse].max()) // block_size),
         all_sparse=num_sparse == num_reqs,
     )
 
@@ -143,7 +146,9 @@ class PrhsBuilderMixin:
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
         base = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        sparse = plan_sparse_rows(common_attn_metadata, self.prhs_config, self.prhs_stats)
+        sparse = plan_sparse_rows(
+            common_attn_metadata, self.prhs_config, self.prhs_stats, self.kv_cache_spec.block_size
+        )
         if self.prhs_config.metrics:
             self.prhs_stats.maybe_flush()
         return PrhsMetadata(base=base, sparse=sparse)
@@ -214,7 +219,7 @@ class PrhsImplMixin:
         if kv_cache.numel() == 0 or not self._layer_is_sparse(layer):
             return
         summaries = self._page_summaries(kv_cache)
-        update_page_summaries(
+        ops.update_summaries(
             key,
             slot_mapping,
             kv_cache.shape[2],
@@ -249,7 +254,7 @@ class PrhsImplMixin:
         key_cache, value_cache = self.split_kv_cache(kv_cache)
         summaries = self._page_summaries(kv_cache)
         q = query.view(query.shape[0], self.num_heads, self.head_size)[rows.token_idx]
-        selection = select_pages(
+        selection = ops.select(
             q,
             summaries.key_sum,
             summaries.key_min,
@@ -266,8 +271,9 @@ class PrhsImplMixin:
                 block_pages=cfg.block_pages,
                 estimator=cfg.estimator,
             ),
+            num_slots=rows.max_pages,
         )
-        out, lse = sparse_paged_decode(
+        out, lse = ops.sparse_decode(
             q, key_cache, value_cache, rows.block_table, rows.seq_lens, selection.keep, self.scale
         )
         output.view(output.shape[0], self.num_heads, self.head_size)[rows.token_idx] = out.to(

@@ -136,6 +136,7 @@ def select_pages(
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     params: SelectionParams,
+    num_slots: int | None = None,
 ) -> Selection:
     """Choose the pages each (row, KV head) reads in a sparse decode step.
 
@@ -144,18 +145,46 @@ def select_pages(
         key_sum, key_min, key_max: [P, Hkv, D] float32 page summaries.
         block_table: [N, >=M] int page ids; seq_lens: [N] int context lengths.
         params: selection knobs.
+        num_slots: M, at least the largest page count of the rows (a host
+            int, so no device sync); None derives it from seq_lens.
     Returns:
-        Selection with keep [N, Hkv, M], M = max pages over the rows.
+        Selection with keep [N, Hkv, M].
     """
     bs = params.block_size
     num_pages = -(-seq_lens.to(torch.long) // bs)
-    num_slots = int(num_pages.max().item()) if num_pages.numel() else 0
+    if num_slots is None:
+        num_slots = int(num_pages.max().item()) if num_pages.numel() else 0
     est, bound = page_logits(
         query, key_sum, key_min, key_max, block_table, seq_lens, bs, params.scale, num_slots
     )
-    ranking = bound if params.estimator == "quest" else est
-    mass = torch.softmax(ranking, dim=-1).mean(dim=2)  # [N, Hkv, M]
-    mass = torch.nan_to_num(mass, nan=0.0)
+    return select_from_logits(est, bound, seq_lens, params)
+
+
+def group_page_mass(logits: torch.Tensor) -> torch.Tensor:
+    """Estimated attention mass per page, averaged over a GQA group.
+
+    Args:
+        logits: [N, Hkv, G, M] log-masses (-inf on empty slots).
+    Returns:
+        [N, Hkv, M] float32: softmax over pages per query head, mean over G.
+    """
+    return torch.nan_to_num(torch.softmax(logits, dim=-1).mean(dim=2), nan=0.0)
+
+
+def select_from_logits(
+    est: torch.Tensor, bound: torch.Tensor, seq_lens: torch.Tensor, params: SelectionParams
+) -> Selection:
+    """The selection rule of ``select_pages``, given the page log-masses.
+
+    Args:
+        est, bound: [N, Hkv, G, M] from ``page_logits`` (or a kernel with its
+            signature); seq_lens: [N] int.
+    Returns:
+        Selection with keep [N, Hkv, M]. Device ops only (no host sync).
+    """
+    num_slots = est.shape[-1]
+    num_pages = -(-seq_lens.to(torch.long) // params.block_size)
+    mass = group_page_mass(bound if params.estimator == "quest" else est)
     num_rows, num_kv_heads, _ = mass.shape
 
     must = mandatory_pages(num_pages, num_slots, params)[:, None, :].expand_as(mass)

@@ -1,0 +1,238 @@
+"""The CUDA sparse decode (prhs_vllm.ops.cuda, csrc/sparse_decode) against the
+indexed torch reference on the same GPU tensors.
+
+Every call first poisons out / lse with NaN, so an element the kernel fails to
+write shows up. Cases cover both kernel paths (one split writing out directly,
+and split-K with the merge kernel), empty splits, more kept segments than the
+kernel's segment table holds, the FlashAttention cache view, CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_sparse_decode_indexed import (
+    compact_keep,
+    decode_tol,
+    paged_inputs,
+    random_keep,
+    trim_slots,
+)
+
+from prhs_vllm.ops import cuda as cuda_ops
+from prhs_vllm.ops.ref.sparse_decode_indexed import sparse_paged_decode_indexed as reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(
+        torch.cuda.is_available() and not cuda_ops.is_available(),
+        reason="prhs_vllm._C is not built (python setup.py build_ext --inplace)",
+    ),
+]
+
+DEVICE = "cuda"
+# exp2 / log2 run as ex2.approx / lg2.approx (--use_fast_math): ~2 ulp each.
+LSE_ATOL = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """The reference's einsums must stay float32 even if another module enabled TF32."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def run_kernel(query, key, value, table, seq_lens, kept_slots, num_kept, scale, **kwargs):
+    """The CUDA op with NaN-poisoned outputs; returns (out, lse)."""
+    out = kwargs.pop("out", None)
+    if out is None:
+        out = torch.empty_like(query)
+    out.fill_(math.nan)
+    lse = torch.full(query.shape[:2], math.nan, device=query.device)
+    cuda_ops.sparse_paged_decode_indexed(
+        query, key, value, table, seq_lens, kept_slots, num_kept, scale, out, lse=lse, **kwargs
+    )
+    return out, lse
+
+
+def check(query, key, value, table, seq_lens, kept_slots, num_kept, scale=None, **kwargs):
+    """Kernel vs reference; returns the kernel's (out, lse)."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    args = (query, key, value, table, seq_lens, kept_slots, num_kept, scale)
+    out, lse = run_kernel(*args, **kwargs)
+    ref_out, ref_lse = reference(*args)
+    assert not out.isnan().any(), "out has unwritten (NaN) elements"
+    assert not lse.isnan().any(), "lse has unwritten (NaN) elements"
+    t = decode_tol(query.dtype)
+    torch.testing.assert_close(out.float(), ref_out.float(), **t.close())
+    torch.testing.assert_close(lse, ref_lse, atol=LSE_ATOL, rtol=0)
+    return out, lse
+
+
+def num_splits(query, key, kept_slots):
+    plan = cuda_ops.split_plan(
+        query.shape[0],
+        query.shape[1],
+        key.shape[1],
+        query.shape[2],
+        key.shape[2],
+        kept_slots.shape[-1],
+        query.dtype,
+        query.device,
+    )
+    return plan["num_splits"]
+
+
+def inputs_and_slots(gen, lens, num_kv_heads, group, head_dim, block_size, dtype, **kwargs):
+    fraction = kwargs.pop("fraction", 0.4)
+    query, key, value, table, seq_lens = paged_inputs(
+        gen, lens, num_kv_heads, group, head_dim, block_size, dtype, device=DEVICE, **kwargs
+    )
+    keep = random_keep(gen, seq_lens, num_kv_heads, table.shape[1], block_size, fraction)
+    return (query, key, value, table, seq_lens, *compact_keep(keep))
+
+
+DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
+GROUPS = [pytest.param(g, id=f"gqa{g}") for g in (1, 3, 4, 8, 16)]
+HEAD_DIMS = [pytest.param(d, id=f"d{d}") for d in (64, 128, 256)]
+BLOCK_SIZES = [pytest.param(b, id=f"bs{b}") for b in (16, 32)]
+LENS = [1, 17, 100, 161, 333, 2000]  # no multiple of 16 or 32
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("group", GROUPS)
+def test_matches_reference_split_k(gen, group, head_dim, dtype, block_size):
+    """Few rows: split-K, with empty splits for the short rows."""
+    args = inputs_and_slots(gen, LENS, 2, group, head_dim, block_size, dtype)
+    assert num_splits(args[0], args[1], args[5]) > 1
+    check(*args)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("group", [pytest.param(g, id=f"gqa{g}") for g in (4, 8)])
+def test_matches_reference_one_split(gen, group, head_dim):
+    """Enough rows x KV heads to fill the GPU: one split, out written directly."""
+    lens = [int(n) for n in torch.randint(1, 700, (160,), generator=gen)]
+    args = inputs_and_slots(gen, lens, 8, group, head_dim, 16, torch.bfloat16)
+    assert num_splits(args[0], args[1], args[5]) == 1
+    check(*args)
+
+
+def test_more_kept_segments_than_the_segment_table(gen):
+    """> 256 kept 16-token segments in one CTA: the table is refilled."""
+    lens = [4200 + int(n) for n in torch.randint(0, 50, (256,), generator=gen)]
+    args = inputs_and_slots(gen, lens, 4, 1, 64, 16, torch.bfloat16, fraction=1.0)
+    assert num_splits(args[0], args[1], args[5]) == 1
+    assert int(args[6].min()) > 256
+    check(*args)
+
+
+@pytest.mark.parametrize("block_size", [pytest.param(b, id=f"bs{b}") for b in (48, 64, 256)])
+def test_page_sizes_beyond_powers_of_two(gen, block_size):
+    check(*inputs_and_slots(gen, LENS, 2, 4, 128, block_size, torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_flash_attention_cache_view(gen, dtype):
+    """[..., :D] / [..., D:] views of vLLM's FA cache (physical [P, bs, Hkv, 2D])."""
+    args = inputs_and_slots(gen, LENS, 8, 4, 128, 16, dtype, fa_layout=True)
+    assert not args[1].is_contiguous() and args[1].stride(2) == 8 * 2 * 128
+    check(*args)
+
+
+def test_trimmed_slots_and_strided_out(gen):
+    query, key, value, table, seq_lens, kept_slots, num_kept = inputs_and_slots(
+        gen, LENS, 2, 4, 128, 16, torch.bfloat16, fraction=0.2
+    )
+    trimmed = trim_slots(kept_slots, num_kept, extra=3, pad=-1)
+    wide = torch.empty(query.shape[0], query.shape[1] + 8, 128, dtype=query.dtype, device=DEVICE)
+    out, _ = check(query, key, value, table, seq_lens, trimmed, num_kept, out=wide[:, 4:-4])
+    assert wide[:, 4:-4].data_ptr() == out.data_ptr()
+
+
+def test_nothing_visible_gives_zero_and_minus_inf(gen):
+    query, key, value, table, seq_lens, kept_slots, num_kept = inputs_and_slots(
+        gen, LENS, 2, 4, 64, 16, torch.bfloat16
+    )
+    num_kept[2, 1] = 0  # nothing kept
+    kept_slots[4, 0, 0] = table.shape[1] - 1  # only a slot past the context
+    num_kept[4, 0] = 1
+    out, lse = check(query, key, value, table, seq_lens, kept_slots, num_kept)
+    for row, head in ((2, 1), (4, 0)):
+        heads = slice(4 * head, 4 * head + 4)
+        assert (out[row, heads] == 0).all() and (lse[row, heads] == -math.inf).all()
+
+
+def test_nan_in_unwritten_slots_does_not_leak(gen):
+    query, key, value, table, seq_lens, kept_slots, num_kept = inputs_and_slots(
+        gen, LENS, 2, 4, 128, 32, torch.bfloat16, garbage=math.nan
+    )
+    # Also keep the spare slot past each context (null page, all NaN).
+    keep = torch.zeros(*num_kept.shape, table.shape[1], dtype=torch.bool, device=DEVICE)
+    valid = torch.arange(kept_slots.shape[-1], device=DEVICE) < num_kept[..., None]
+    keep.scatter_(-1, torch.where(valid, kept_slots, 0).long(), valid)
+    keep[..., -1] = True
+    out, _ = check(query, key, value, table, seq_lens, *compact_keep(keep))
+    assert out.isfinite().all()
+
+
+def test_cuda_graph_replay(gen):
+    """Captured once, replayed on new queries and selections (no host sync)."""
+    head_dim, block_size, num_kv_heads, group = 128, 16, 8, 4
+    query, key, value, table, seq_lens, kept_slots, num_kept = inputs_and_slots(
+        gen, LENS, num_kv_heads, group, head_dim, block_size, torch.bfloat16
+    )
+    workspace = cuda_ops.alloc_workspace(
+        len(LENS),
+        query.shape[1],
+        num_kv_heads,
+        head_dim,
+        block_size,
+        kept_slots.shape[-1],
+        query.dtype,
+        DEVICE,
+    )
+    out = torch.empty_like(query)
+    lse = torch.empty(query.shape[:2], device=DEVICE)
+    args = (query, key, value, table, seq_lens, kept_slots, num_kept, head_dim**-0.5)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: loads the extension, prepares the kernel
+        cuda_ops.sparse_paged_decode_indexed(*args, out, lse=lse, workspace=workspace)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cuda_ops.sparse_paged_decode_indexed(*args, out, lse=lse, workspace=workspace)
+
+    for _ in range(2):
+        query.copy_(torch.randn(query.shape, device=DEVICE, dtype=query.dtype))
+        keep = random_keep(gen, seq_lens, num_kv_heads, table.shape[1], block_size)
+        new_slots, new_kept = compact_keep(keep)
+        kept_slots.copy_(new_slots)
+        num_kept.copy_(new_kept)
+        out.fill_(math.nan)
+        lse.fill_(math.nan)
+        graph.replay()
+        ref_out, ref_lse = reference(*args)
+        torch.testing.assert_close(out.float(), ref_out.float(), **decode_tol(query.dtype).close())
+        torch.testing.assert_close(lse, ref_lse, atol=LSE_ATOL, rtol=0)
+
+
+def test_rejects_bad_arguments(gen):
+    args = list(inputs_and_slots(gen, LENS, 2, 4, 128, 16, torch.bfloat16))
+    with pytest.raises(RuntimeError, match="workspace"):
+        run_kernel(*args, 0.1, workspace=torch.empty(0, dtype=torch.uint8, device=DEVICE))
+    with pytest.raises(RuntimeError, match="int32"):
+        run_kernel(*args[:5], args[5].long(), args[6], 0.1)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        run_kernel(*inputs_and_slots(gen, LENS, 2, 4, 96, 16, torch.bfloat16), 0.1)
+    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
+        run_kernel(*inputs_and_slots(gen, LENS, 2, 4, 128, 16, torch.float32), 0.1)

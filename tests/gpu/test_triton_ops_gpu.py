@@ -1,0 +1,156 @@
+"""Triton ops (prhs_vllm.ops.triton) against the torch references on CUDA.
+
+The comparisons of tests/test_triton_ops.py (run there under the interpreter)
+with compiled kernels, bigger shapes, real atomics contention, and CUDA graph
+capture (vLLM captures decode steps: the ops must not sync with the host).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from test_triton_ops import (
+    assert_same_summaries,
+    check_group_page_mass,
+    check_page_logits,
+    check_summaries_one_call,
+    check_summaries_recycled_pages,
+    group_page_mass_ref,
+    scoring_inputs,
+    slots_for,
+    strided_keys,
+)
+
+from prhs_vllm.ops.ref import page_logits as ref_page_logits
+from prhs_vllm.ops.ref import update_page_summaries as ref_update_page_summaries
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") == "1",
+        reason="TRITON_INTERPRET=1 replaces the compiled kernels these tests are for",
+    ),
+]
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """The references' einsum must stay float32 even if another module enabled TF32."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float16, id="fp16"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "num_kv_heads, head_dim, block_size",
+    [(8, 128, 16), (8, 128, 32), (3, 64, 16), (2, 96, 16), (1, 256, 32), (40, 128, 16)],
+    ids=["h8-d128-bs16", "h8-d128-bs32", "h3-d64", "h2-d96", "h1-d256", "h40-d128"],
+)
+def test_summaries_one_call(gen, num_kv_heads, head_dim, block_size, dtype):
+    lens = [1, block_size, 1000, 4099, 3 * block_size - 1]
+    check_summaries_one_call(gen, num_kv_heads, head_dim, block_size, dtype, lens, DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_summaries_recycled_pages(gen, block_size, dtype):
+    check_summaries_recycled_pages(gen, 8, 128, block_size, dtype, DEVICE)
+
+
+def test_summaries_long_prefill(gen):
+    """A 32K-token prefill chunk: every page takes bs concurrent atomic updates."""
+    check_summaries_one_call(gen, 8, 128, 16, torch.bfloat16, [32768, 777], DEVICE)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+def test_page_logits(gen, group, head_dim, block_size):
+    lens = [0, 1, block_size, 4097, 32768 + 5, 300]
+    check_page_logits(
+        gen, group, head_dim, block_size, lens, torch.bfloat16, DEVICE, num_kv_heads=8
+    )
+
+
+@pytest.mark.parametrize(
+    "block_m, num_warps", [(8, 1), (16, 2), (32, 4), (64, 8)], ids=lambda v: str(v)
+)
+def test_page_logits_launch_configs(gen, block_m, num_warps):
+    lens = [5, 1000, 2049]
+    check_page_logits(
+        gen, 4, 128, 16, lens, torch.float32, DEVICE, block_m=block_m, num_warps=num_warps
+    )
+
+
+@pytest.mark.parametrize("num_slots", [37, 1024, 8193])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+def test_group_page_mass(gen, group, num_slots):
+    check_group_page_mass(gen, group, num_slots, DEVICE, num_rows=6, num_kv_heads=8)
+
+
+@pytest.mark.parametrize("block_m", [16, 128])
+def test_group_page_mass_chunks(gen, block_m):
+    check_group_page_mass(gen, 4, 1000, DEVICE, block_m=block_m, num_rows=6, num_kv_heads=8)
+
+
+def test_cuda_graph_replay(gen):
+    """update + page_logits + group_page_mass captured once, replayed on new inputs."""
+    from prhs_vllm.ops.triton import group_page_mass, page_logits, update_page_summaries
+
+    group, head_dim, block_size, num_kv_heads = 4, 128, 16, 8
+    lens = [100, 2000, 33]
+    query, summaries, table, seq_lens, num_slots = scoring_inputs(
+        gen, group, head_dim, block_size, lens, torch.bfloat16, DEVICE, num_kv_heads
+    )
+    query = query.contiguous()
+    # One decode token per row, at position L - 1 (already counted in seq_lens).
+    rows = [table[i, : math.ceil(n / block_size)].tolist() for i, n in enumerate(lens)]
+    slots = torch.cat([slots_for(p, n - 1, 1, block_size) for p, n in zip(rows, lens, strict=True)])
+    slots = slots.to(DEVICE)
+    key = strided_keys(gen, len(lens), num_kv_heads, head_dim, torch.bfloat16, DEVICE)
+    scale = head_dim**-0.5
+    want = tuple(s.clone() for s in summaries)
+
+    def step():
+        update_page_summaries(key, slots, block_size, *summaries)
+        est, bound = page_logits(query, *summaries, table, seq_lens, block_size, scale, num_slots)
+        return est, bound, group_page_mass(est)
+
+    step()  # compiles the kernels outside the capture
+    ref_update_page_summaries(key, slots, block_size, *want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        est, bound, mass = step()
+    torch.cuda.synchronize()
+
+    for _ in range(2):
+        # New decode tokens (same slots), queries and a summary rewrite through the graph.
+        key.copy_(strided_keys(gen, len(lens), num_kv_heads, head_dim, torch.bfloat16, DEVICE))
+        query.copy_(torch.randn(query.shape, generator=gen).to(query))
+        graph.replay()
+        ref_update_page_summaries(key, slots, block_size, *want)
+        torch.cuda.synchronize()
+        assert_same_summaries(summaries, want, where="after replay")
+        want_est, want_bound = ref_page_logits(
+            query, *want, table, seq_lens, block_size, scale, num_slots
+        )
+        torch.testing.assert_close(est, want_est, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(bound, want_bound, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(mass, group_page_mass_ref(est), atol=1e-6, rtol=1e-5)

@@ -1,0 +1,448 @@
+"""Triton ops (prhs_vllm.ops.triton) against the torch references, on CPU under
+the Triton interpreter.
+
+Triton picks interpreted vs compiled kernels when a kernel is defined, from
+TRITON_INTERPRET. Setting it here would leak into every later test module of
+the session (vLLM's own triton kernels included), so the comparisons run in a
+child pytest process with TRITON_INTERPRET=1 (``test_under_interpreter``); in
+the parent they are skipped. ``TRITON_INTERPRET=1 pytest tests/test_triton_ops.py``
+runs them directly.
+
+The ``check_*`` helpers take a device and are reused on CUDA by
+tests/gpu/test_triton_ops_gpu.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from tolerances import tol
+
+from prhs_vllm.ops.ref import page_logits as ref_page_logits
+from prhs_vllm.ops.ref import update_page_summaries as ref_update_page_summaries
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def group_page_mass_ref(logits: torch.Tensor) -> torch.Tensor:
+    """[N, Hkv, G, M] -> [N, Hkv, M]: the group-mean softmax of ``select_pages``."""
+    return torch.softmax(logits, dim=-1).mean(dim=2)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def garbage_summaries(gen, num_pages, num_kv_heads, head_dim, device):
+    """(sum, min, max) [P, H, D] float32 holding stale values of earlier occupants."""
+    shape = (num_pages, num_kv_heads, head_dim)
+    key_sum = 100.0 * torch.randn(shape, generator=gen)
+    key_min = torch.randn(shape, generator=gen) - 3.0
+    key_max = torch.randn(shape, generator=gen) + 3.0
+    return tuple(x.to(device) for x in (key_sum, key_min, key_max))
+
+
+def random_pages(gen, seq_lens, block_size, num_pages):
+    """Disjoint random page ids in [1, P) per row (page 0 is vLLM's null page)."""
+    need = [cdiv(n, block_size) for n in seq_lens]
+    assert sum(need) <= num_pages - 1, "not enough pages"
+    free = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
+    rows = []
+    for n in need:
+        rows.append(free[:n])
+        free = free[n:]
+    return rows
+
+
+def slots_for(pages, start, count, block_size):
+    """[count] int64 slot ids of tokens start .. start+count-1 of a request on ``pages``."""
+    pos = torch.arange(start, start + count)
+    return torch.tensor(pages, dtype=torch.long)[pos // block_size] * block_size + pos % block_size
+
+
+def strided_keys(gen, num_tokens, num_kv_heads, head_dim, dtype, device):
+    """[T, H, D] keys as a non-contiguous view (the K half of a packed K|V tensor)."""
+    packed = torch.randn(num_tokens, num_kv_heads, 2 * head_dim, generator=gen)
+    # A per-(token, head) offset spreads the page summaries apart.
+    packed += 2.0 * torch.randn(num_tokens, num_kv_heads, 1, generator=gen)
+    return packed.to(dtype).to(device)[..., :head_dim]
+
+
+def padded_slot_mapping(gen, slots, num_pad):
+    """Insert ``num_pad`` -1 entries at random positions of ``slots``."""
+    out = torch.cat([slots, torch.full((num_pad,), -1, dtype=torch.long)])
+    return out[torch.randperm(len(out), generator=gen)]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def assert_same_summaries(got, want, where=""):
+    """Triton vs reference summaries: sums up to summation order, min / max exact.
+
+    Both fold the same already-rounded keys in float32, whatever the key dtype.
+    """
+    torch.testing.assert_close(
+        got[0],
+        want[0],
+        atol=tol(torch.float32).sum_atol,
+        rtol=1e-6,
+        msg=lambda m: f"key_sum {where}: {m}",
+    )
+    assert torch.equal(got[1], want[1]), f"key_min {where}"
+    assert torch.equal(got[2], want[2]), f"key_max {where}"
+
+
+def run_summary_steps(gen, steps, key_rows, num_pages, num_kv_heads, head_dim, block_size, dtype):
+    """Apply the same update calls to a Triton and a reference copy; compare after each.
+
+    Args:
+        steps: list of [T'] int64 slot mappings (may hold -1), one per call.
+        key_rows: extra key rows past each slot mapping (padding rows to ignore).
+    """
+    from prhs_vllm.ops.triton import update_page_summaries
+
+    device = steps[0].device
+    want = garbage_summaries(gen, num_pages, num_kv_heads, head_dim, device)
+    got = tuple(x.clone() for x in want)
+    for i, slots in enumerate(steps):
+        key = strided_keys(gen, len(slots) + key_rows, num_kv_heads, head_dim, dtype, device)
+        update_page_summaries(key, slots, block_size, *got)
+        ref_update_page_summaries(key, slots, block_size, *want)
+        assert_same_summaries(got, want, where=f"after call {i}")
+
+
+def check_summaries_one_call(gen, num_kv_heads, head_dim, block_size, dtype, lens, device):
+    """Several requests prefilled in one call: shuffled tokens, -1 padding, stale pages."""
+    num_pages = 1 + sum(cdiv(n, block_size) for n in lens) + 3
+    rows = random_pages(gen, lens, block_size, num_pages)
+    slots = torch.cat([slots_for(p, 0, n, block_size) for p, n in zip(rows, lens, strict=True)])
+    slots = padded_slot_mapping(gen, slots, num_pad=5).to(device)
+    run_summary_steps(gen, [slots], 7, num_pages, num_kv_heads, head_dim, block_size, dtype)
+
+
+def check_summaries_recycled_pages(gen, num_kv_heads, head_dim, block_size, dtype, device):
+    """A served batch over several calls: chunked prefill, decode, a finished request's
+    pages recycled (from offset 0) by a new request in the same call as decodes."""
+    bs = block_size
+    num_pages = 24
+    free = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
+    pages_a, pages_b = free[:4], free[4:7]
+    # A finishes after step 5; C takes A's pages in another order.
+    pages_c = [pages_a[2], pages_a[0], pages_a[3]]
+    steps = [
+        # A prefills in chunks that split pages.
+        [(pages_a, 0, bs + 5)],
+        [(pages_a, bs + 5, bs - 2), (pages_b, 0, 3)],
+        [(pages_a, 2 * bs + 3, bs - 3), (pages_b, 3, 1)],
+        # Decodes: A's token lands on offset 0 of a new page.
+        [(pages_a, 3 * bs, 1), (pages_b, 4, 1)],
+        [(pages_a, 3 * bs + 1, 1), (pages_b, 5, 1)],
+        # C prefills over A's old pages (offset 0 of two of them) while B decodes.
+        [(pages_b, 6, 1), (pages_c, 0, bs + 7)],
+        # C's third page is still A's until its offset 0 arrives here.
+        [(pages_c, bs + 7, bs - 6), (pages_b, 7, 1)],
+    ]
+    steps = [torch.cat([slots_for(p, start, n, bs) for p, start, n in step]) for step in steps]
+    steps = [padded_slot_mapping(gen, s, num_pad=2).to(device) for s in steps]
+    run_summary_steps(gen, steps, 3, num_pages, num_kv_heads, head_dim, block_size, dtype)
+
+
+def scoring_inputs(gen, group, head_dim, block_size, lens, dtype, device, num_kv_heads=2):
+    """Summaries of real keys, a block table padded with stale page ids, queries.
+
+    Returns (query [N, Hq, D] non-contiguous, (sum, min, max), block_table [N, W] int32,
+    seq_lens [N] int32, num_slots). W > num_slots > the longest row's page count.
+    """
+    num_pages = 1 + sum(cdiv(n, block_size) for n in lens) + 4
+    rows = random_pages(gen, lens, block_size, num_pages)
+    summaries = garbage_summaries(gen, num_pages, num_kv_heads, head_dim, "cpu")
+    slots = torch.cat(
+        [slots_for(p, 0, n, block_size) for p, n in zip(rows, lens, strict=True)]
+        + [torch.empty(0, dtype=torch.long)]
+    )
+    key = strided_keys(gen, len(slots), num_kv_heads, head_dim, torch.float32, "cpu")
+    ref_update_page_summaries(key, slots, block_size, *summaries)
+
+    num_slots = max(cdiv(n, block_size) for n in lens) + 1
+    width = num_slots + 2
+    # Column-major storage: the kernel must follow both strides of the table.
+    table = torch.randint(0, num_pages, (width, len(lens)), generator=gen, dtype=torch.int32).t()
+    for i, pages in enumerate(rows):
+        table[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+    num_q_heads = num_kv_heads * group
+    # Queries as a slice of a packed q|k|v row, like vLLM's qkv split.
+    packed = 2.0 * torch.randn(len(lens), num_q_heads + 2 * num_kv_heads, head_dim, generator=gen)
+    query = packed.to(dtype).to(device)[:, :num_q_heads]
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    return (
+        query,
+        tuple(s.to(device) for s in summaries),
+        table.to(device),
+        seq_lens.to(device),
+        num_slots,
+    )
+
+
+def check_page_logits(
+    gen, group, head_dim, block_size, lens, dtype, device, num_kv_heads=2, **launch
+):
+    """Triton page_logits (and group_page_mass of est / bound) vs the references.
+
+    ``launch``: block_m / num_warps to force through ``_page_logits``.
+    """
+    from prhs_vllm.ops.triton import group_page_mass, page_logits
+    from prhs_vllm.ops.triton.scoring import _page_logits
+
+    query, summaries, table, seq_lens, num_slots = scoring_inputs(
+        gen, group, head_dim, block_size, lens, dtype, device, num_kv_heads
+    )
+    scale = head_dim**-0.5
+    args = (query, *summaries, table, seq_lens, block_size, scale, num_slots)
+    if launch:
+        est, bound = _page_logits(*args, **launch)
+    else:
+        est, bound = page_logits(*args)
+    want_est, want_bound = ref_page_logits(*args)
+    assert est.shape == want_est.shape == (len(lens), num_kv_heads, group, num_slots)
+    assert est.dtype == bound.dtype == torch.float32
+    t = tol(torch.float32)
+    # inf entries (empty slots) must match exactly; assert_close checks that.
+    torch.testing.assert_close(est, want_est, atol=t.lse_atol, rtol=1e-5)
+    torch.testing.assert_close(bound, want_bound, atol=t.lse_atol, rtol=1e-5)
+    assert torch.all(bound >= est - t.lse_atol), "the Quest bound is below the centroid estimate"
+    for got_logits, ref_logits in ((est, want_est), (bound, want_bound)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # nan of empty rows (interpreter)
+            mass = group_page_mass(got_logits)
+        want = group_page_mass_ref(ref_logits)
+        torch.testing.assert_close(mass, want, atol=10 * t.mass_atol, rtol=1e-5, equal_nan=True)
+
+
+def random_logits(gen, num_rows, num_kv_heads, group, num_slots, device):
+    """[N, Hkv, G, M] float32 log-masses: -inf tails per row (short contexts), one row
+    all -inf (no context: nan mass, as torch gives), one of large magnitude and one
+    with a -inf head."""
+    x = 3.0 * torch.randn(num_rows, num_kv_heads, group, num_slots, generator=gen)
+    lengths = torch.randint(1, num_slots + 1, (num_rows,), generator=gen)
+    lengths[0] = num_slots
+    lengths[-1] = 0
+    empty = torch.arange(num_slots)[None, :] >= lengths[:, None]
+    x = x.masked_fill(empty[:, None, None, :], -math.inf)
+    if num_rows > 2:
+        x[1] *= 40.0
+        # Leading -inf slots (e.g. logits of kept pages masked out): a chunk that
+        # has seen only -inf must not poison the running sum.
+        x[2, ..., : num_slots // 2] = -math.inf
+        x[2, ..., num_slots // 2 :] = 3.0 * torch.randn(
+            num_kv_heads, group, num_slots - num_slots // 2, generator=gen
+        )
+    return x.to(device)
+
+
+def check_group_page_mass(gen, group, num_slots, device, block_m=None, num_rows=4, num_kv_heads=3):
+    """Triton group_page_mass vs softmax-then-group-mean, nan rows included.
+
+    ``block_m``: page slots per chunk to force through ``_group_page_mass``.
+    """
+    from prhs_vllm.ops.triton import group_page_mass
+    from prhs_vllm.ops.triton.scoring import _group_page_mass
+
+    x = random_logits(gen, num_rows, num_kv_heads, group, num_slots, device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # nan of the empty row (interpreter)
+        if block_m is None:
+            got = group_page_mass(x)
+        else:
+            got = _group_page_mass(x, block_m=block_m, num_warps=4)
+    want = group_page_mass_ref(x)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(
+        got, want, atol=tol(torch.float32).mass_atol, rtol=1e-5, equal_nan=True
+    )
+    assert torch.isnan(got[-1]).all() and not torch.isnan(got[:-1]).any()
+    # A non-contiguous input (a view of every other page slot) reads through strides.
+    view = x[..., ::2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = group_page_mass(view)
+    torch.testing.assert_close(
+        got, group_page_mass_ref(view), atol=tol(torch.float32).mass_atol, rtol=1e-5, equal_nan=True
+    )
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@pytest.mark.skipif(INTERPRETED, reason="already running under TRITON_INTERPRET=1")
+def test_under_interpreter():
+    """Run this module's comparisons in a child pytest with TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).relative_to(ROOT))]
+    cmd += ["-q", "-rfEs", "-p", "no:cacheprovider", "--no-header"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    last = out.strip().splitlines()[-1] if out.strip() else ""
+    if proc.returncode != 0:
+        pytest.fail(f"interpreted Triton tests failed (rc {proc.returncode}):\n{out[-8000:]}")
+    if " passed" not in last:
+        pytest.skip(f"interpreted Triton tests did not run: {out[-1500:]}")
+    print(last)
+
+
+# --------------------------------------------------------------------------- interpreted
+
+interpreted = pytest.mark.skipif(
+    not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child of test_under_interpreter"
+)
+
+
+def _interpreter_problem() -> str | None:
+    """None if a trivial kernel runs under the interpreter, else why not."""
+    try:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _double(x_ptr, n, BLOCK: tl.constexpr):
+            offs = tl.arange(0, BLOCK)
+            tl.store(x_ptr + offs, 2.0 * tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+        x = torch.ones(5)
+        _double[(1,)](x, 5, BLOCK=8)
+        if not torch.equal(x, torch.full((5,), 2.0)):
+            return f"a trivial kernel computed {x.tolist()}"
+    except Exception as e:  # any failure means "unusable", with its reason
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+if INTERPRETED:
+    _problem = _interpreter_problem()
+    if _problem is not None:
+        pytest.skip(f"triton interpreter unusable here: {_problem}", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tensors here are tiny: intra-op threads only add wake-up latency."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+@interpreted
+def test_is_available():
+    from prhs_vllm.ops import triton as ops
+
+    assert ops.is_available()
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "num_kv_heads, head_dim, block_size",
+    [(1, 32, 16), (3, 64, 32), (2, 128, 16)],
+    ids=["h1-d32-bs16", "h3-d64-bs32", "h2-d128-bs16"],
+)
+def test_summaries_one_call(gen, num_kv_heads, head_dim, block_size, dtype):
+    lens = [1, block_size, 2 * block_size + 3]
+    check_summaries_one_call(gen, num_kv_heads, head_dim, block_size, dtype, lens, "cpu")
+
+
+@interpreted
+def test_summaries_head_chunks(gen, monkeypatch):
+    """Heads split over several programs (a small tile forces BLOCK_H < H); a head_dim
+    that is not a power of two."""
+    from prhs_vllm.ops.triton import summaries
+
+    monkeypatch.setattr(summaries, "_TILE", 128)
+    assert summaries._tile(3, 48) == (2, 64)
+    check_summaries_one_call(gen, 3, 48, 16, torch.float32, [7, 20], "cpu")
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_summaries_recycled_pages(gen, block_size, dtype):
+    check_summaries_recycled_pages(gen, 2, 32, block_size, dtype, "cpu")
+
+
+@interpreted
+def test_summaries_noop_on_empty_slot_mapping(gen):
+    from prhs_vllm.ops.triton import update_page_summaries
+
+    summaries = garbage_summaries(gen, 4, 2, 32, "cpu")
+    before = tuple(x.clone() for x in summaries)
+    update_page_summaries(torch.randn(3, 2, 32), torch.empty(0, dtype=torch.long), 16, *summaries)
+    update_page_summaries(torch.randn(3, 2, 32), torch.full((3,), -1), 16, *summaries)
+    for a, b in zip(summaries, before, strict=True):
+        assert torch.equal(a, b)
+
+
+@interpreted
+def test_summaries_reject_mismatched_shapes(gen):
+    from prhs_vllm.ops.triton import update_page_summaries
+
+    summaries = garbage_summaries(gen, 4, 2, 32, "cpu")
+    slots = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="summary must be"):
+        update_page_summaries(torch.randn(3, 2, 64), slots, 16, *summaries)
+    with pytest.raises(ValueError, match="rows for"):
+        update_page_summaries(torch.randn(2, 2, 32), slots, 16, *summaries)
+
+
+@interpreted
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_page_logits(gen, group, head_dim, block_size):
+    # A 0-length row, a partial page, an exact page, a long row of a partial last page.
+    lens = [0, 5, block_size, 4 * block_size + 3]
+    check_page_logits(gen, group, head_dim, block_size, lens, torch.float32, "cpu")
+
+
+@interpreted
+def test_page_logits_bf16_query_and_chunked_slots(gen):
+    """bf16 queries, head_dim 96; BLOCK_M = 4 splits a row's page slots over programs."""
+    lens = [3, 9 * 16 + 1, 40]
+    check_page_logits(gen, 4, 96, 16, lens, torch.bfloat16, "cpu", block_m=4, num_warps=1)
+
+
+@interpreted
+def test_page_logits_no_slots(gen):
+    from prhs_vllm.ops.triton import group_page_mass, page_logits
+
+    query, summaries, table, seq_lens, _ = scoring_inputs(gen, 2, 32, 16, [5], torch.float32, "cpu")
+    est, bound = page_logits(query, *summaries, table, seq_lens, 16, 0.1, 0)
+    assert est.shape == bound.shape == (1, 2, 2, 0)
+    assert group_page_mass(est).shape == (1, 2, 0)
+
+
+@interpreted
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_group_page_mass(gen, group):
+    check_group_page_mass(gen, group, 37, "cpu")
+
+
+@interpreted
+@pytest.mark.parametrize("group", [1, 3])
+def test_group_page_mass_chunks(gen, group):
+    """BLOCK_M = 16 < M: partial max / sums combined over chunks, all -inf chunks too."""
+    check_group_page_mass(gen, group, 53, "cpu", block_m=16)
