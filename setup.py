@@ -1,6 +1,66 @@
-"""Build hook. The package is pure Python today; the CUDA sparse decode kernel
-(csrc/) joins here when CUDA torch and nvcc are present (see issue: GPU kernels)."""
+"""Build hook: the package is pure Python, plus the CUDA extension prhs_vllm._C
+(csrc/) when CUDA torch and nvcc are present at build time.
+
+    python setup.py build_ext --inplace            # the extension, in the tree
+    pip install --no-build-isolation -e .          # the same, installed (needs torch)
+    PRHS_BUILD_CUDA=0 pip install -e .             # pure Python
+
+An isolated build (plain `pip install .`) sees no torch and installs pure
+Python. Targets (TORCH_CUDA_ARCH_LIST is not used): sm_90a SASS for Hopper,
+sm_80 SASS for Ampere / Ada, and compute_80 PTX that newer GPUs JIT-compile.
+"""
+
+import os
+import sys
+from pathlib import Path
 
 from setuptools import setup
 
-setup()
+ROOT = Path(__file__).parent
+SOURCES = ["csrc/torch_bindings.cpp", "csrc/sparse_decode/sparse_decode_launcher.cu"]
+ARCH_FLAGS = [
+    "-gencode=arch=compute_90a,code=sm_90a",
+    "-gencode=arch=compute_80,code=[sm_80,compute_80]",
+]
+
+
+def _skip(reason: str) -> dict:
+    print(f"prhs-vllm: building without CUDA kernels ({reason})", file=sys.stderr)
+    return {}
+
+
+def _cxx_std(torch_version: str) -> str:
+    """C++17 as asked for the kernels; torch >= 2.13 headers refuse anything
+    below C++20 (the kernels compile as either)."""
+    major, minor = (int(part) for part in torch_version.split(".")[:2])
+    return "c++20" if (major, minor) >= (2, 13) else "c++17"
+
+
+def cuda_extension() -> dict:
+    """setup() keywords adding prhs_vllm._C, or {} when it cannot be built."""
+    if os.environ.get("PRHS_BUILD_CUDA", "1") == "0":
+        return _skip("PRHS_BUILD_CUDA=0")
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return _skip("torch is not importable here")
+    if torch.version.cuda is None:
+        return _skip("torch has no CUDA")
+    if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        return _skip("nvcc not found (set CUDA_HOME)")
+
+    std = f"-std={_cxx_std(torch.__version__)}"
+    extension = CUDAExtension(
+        name="prhs_vllm._C",
+        sources=SOURCES,
+        include_dirs=[str(ROOT / "csrc")],
+        extra_compile_args={
+            "cxx": ["-O3", std],
+            "nvcc": ["-O3", std, "--use_fast_math", *ARCH_FLAGS],
+        },
+    )
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
+
+
+setup(**cuda_extension())

@@ -6,14 +6,7 @@
 set -uo pipefail
 export VLLM_USE_FLASHINFER_SAMPLER=0 PRHS_STATS_FLUSH_S=0 PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/prhs-out}; mkdir -p "$out"
-if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -2; then :; fi
-if ! python3 -c "import importlib.metadata as m, sys; sys.exit(not [e for e in m.entry_points(group='vllm.general_plugins') if e.name=='prhs'])"; then
-  # No build backend offline: register the plugin by hand (a .pth + a dist-info with the entry point).
-  site=$(python3 -c 'import site; print(site.getsitepackages()[0])')
-  echo "$PWD" > "$site/prhs-vllm-src.pth"; di="$site/prhs_vllm-0.1.0.dist-info"; mkdir -p "$di"
-  printf 'Metadata-Version: 2.1\nName: prhs-vllm\nVersion: 0.1.0\n' > "$di/METADATA"
-  printf '[vllm.general_plugins]\nprhs = prhs_vllm.plugin:register\n' > "$di/entry_points.txt"
-fi
+bash benchmarks/gpu_setup.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import prhs_vllm.models as m; print(m.prepare_smollm2('/tmp/smollm2'))" 2>&1 | tail -1
 run() { local name=$1; shift; python3 benchmarks/greedy_tokens.py --enforce-eager --out "$out/$name.json" "$@" > "$out/$name.log" 2>&1 || { echo "FAILED $name"; tail -30 "$out/$name.log"; }; }

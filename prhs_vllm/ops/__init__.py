@@ -113,7 +113,7 @@ def sparse_decode(
             query, key_cache, value_cache, block_table, seq_lens, keep, scale
         )
     kept_slots, num_kept = compact_keep(keep)
-    table = block_table[:, : keep.shape[-1]].to(torch.int32).contiguous()
+    table = block_table.to(torch.int32)  # vLLM's is int32 already: no copy
     lens = seq_lens.to(torch.int32)
     if _cuda_ready():
         from prhs_vllm.ops.cuda.sparse_decode import (

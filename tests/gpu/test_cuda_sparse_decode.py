@@ -13,15 +13,10 @@ import math
 
 import pytest
 import torch
-from test_sparse_decode_indexed import (
-    compact_keep,
-    decode_tol,
-    paged_inputs,
-    random_keep,
-    trim_slots,
-)
+from test_sparse_decode_indexed import decode_tol, paged_inputs, random_keep, trim_slots
 
 from prhs_vllm.ops import cuda as cuda_ops
+from prhs_vllm.ops.ref.sparse_decode_indexed import compact_keep
 from prhs_vllm.ops.ref.sparse_decode_indexed import sparse_paged_decode_indexed as reference
 
 pytestmark = [

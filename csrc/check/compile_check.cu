@@ -1,0 +1,42 @@
+// CI check: instantiates every sparse decode kernel (bf16/fp16 x head_dim
+// 64/128/256 x GMAX 1/2/4/8) and the host dispatch without torch, so the
+// kernels compile on machines with nvcc but no CUDA torch. Never run.
+#include "../sparse_decode/sparse_decode_dispatch.cuh"
+
+namespace sd = prhs::sparse_decode;
+
+template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 64, 1>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 64, 2>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 64, 4>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 64, 8>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 128, 1>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 128, 2>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 128, 4>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 128, 8>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 256, 1>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 256, 2>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 256, 4>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 256, 8>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__half, 64, 1>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__half, 64, 2>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__half, 64, 4>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__half, 64, 8>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__half, 128, 1>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__half, 128, 2>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__half, 128, 4>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__half, 128, 8>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__half, 256, 1>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__half, 256, 2>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__half, 256, 4>(const sd::Params);
+template __global__ void sd::sparse_decode_split_kernel<__half, 256, 8>(const sd::Params);
+
+// The host path (plan, dispatch, launches) of every variant.
+cudaError_t prhs_compile_check(sd::Params p, void* workspace, cudaStream_t stream) {
+  sd::Plan plan;
+  cudaError_t err = sd::make_plan(p, 0, &plan);
+  if (err != cudaSuccess) return err;
+  size_t bytes = 0;
+  err = sd::max_workspace_bytes(p, 256, 0, &bytes);
+  if (err != cudaSuccess) return err;
+  return sd::run(p, plan, workspace, stream);
+}

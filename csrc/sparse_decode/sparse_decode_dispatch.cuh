@@ -1,0 +1,180 @@
+// Host side of the sparse decode kernels, without torch: the split-K plan
+// (grid, workspace size) and the launch of the right template instance.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+
+#include "sparse_decode_kernel.cuh"
+
+namespace prhs {
+namespace sparse_decode {
+
+// A split gets at least this many kept tokens: below it the fixed cost of a
+// CTA (query load, segment table, merge, partial write) dominates its bytes.
+constexpr int kMinTokensPerSplit = 64;
+constexpr int kMaxDevices = 64;
+
+struct Plan {
+  int group_max;        // query heads per CTA (template GMAX)
+  int num_head_chunks;  // ceil(group / group_max)
+  int num_splits;
+  size_t workspace_bytes;
+};
+
+inline int group_max_for(int group) {
+  return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
+}
+
+template <typename T, int D, int GMAX>
+struct Variant {
+  using Tl = Tile<D, GMAX>;
+  static constexpr int kHeadDim = D;
+
+  static auto split_kernel() { return &sparse_decode_split_kernel<T, D, GMAX>; }
+  static auto combine_kernel() { return &sparse_decode_combine_kernel<T, D>; }
+
+  // Opts the kernel into its (> 48 KB) dynamic shared memory on `device` (the
+  // current device) and returns how many of its CTAs fit on one SM.
+  static cudaError_t prepare(int device, int* ctas_per_sm) {
+    static std::atomic<int> cached[kMaxDevices];  // 0: not prepared yet
+    if (device >= 0 && device < kMaxDevices) {
+      const int value = cached[device].load(std::memory_order_relaxed);
+      if (value > 0) {
+        *ctas_per_sm = value;
+        return cudaSuccess;
+      }
+    }
+    cudaError_t err = cudaFuncSetAttribute(
+        split_kernel(), cudaFuncAttributeMaxDynamicSharedMemorySize, Tl::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    int blocks = 0;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, split_kernel(), kThreads,
+                                                        Tl::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    if (blocks < 1) return cudaErrorInvalidConfiguration;
+    if (device >= 0 && device < kMaxDevices) cached[device].store(blocks);
+    *ctas_per_sm = blocks;
+    return cudaSuccess;
+  }
+
+  static cudaError_t launch(const Params& p, cudaStream_t stream) {
+    const dim3 grid(p.num_rows * p.num_splits, p.num_kv_heads * p.num_head_chunks);
+    split_kernel()<<<grid, kThreads, Tl::kSmemBytes, stream>>>(p);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess || p.num_splits == 1) return err;
+    const int items = p.num_rows * p.num_q_heads;
+    combine_kernel()<<<(items + kCombineWarps - 1) / kCombineWarps, kCombineWarps * 32, 0,
+                       stream>>>(p);
+    return cudaGetLastError();
+  }
+};
+
+template <typename T, int D, typename F>
+cudaError_t with_group_max(int group_max, F&& f) {
+  switch (group_max) {
+    case 1: return f(Variant<T, D, 1>{});
+    case 2: return f(Variant<T, D, 2>{});
+    case 4: return f(Variant<T, D, 4>{});
+    case 8: return f(Variant<T, D, 8>{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T, typename F>
+cudaError_t with_head_dim(int head_dim, int group_max, F&& f) {
+  switch (head_dim) {
+    case 64: return with_group_max<T, 64>(group_max, f);
+    case 128: return with_group_max<T, 128>(group_max, f);
+    case 256: return with_group_max<T, 256>(group_max, f);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+// Calls f(Variant<T, D, GMAX>{}) for the runtime dtype / head_dim / group_max.
+template <typename F>
+cudaError_t with_variant(DType dtype, int head_dim, int group_max, F&& f) {
+  switch (dtype) {
+    case DType::kBFloat16: return with_head_dim<__nv_bfloat16>(head_dim, group_max, f);
+    case DType::kFloat16: return with_head_dim<__half>(head_dim, group_max, f);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+inline cudaError_t sm_count(int device, int* count) {
+  static std::atomic<int> cached[kMaxDevices];
+  if (device >= 0 && device < kMaxDevices) {
+    *count = cached[device].load(std::memory_order_relaxed);
+    if (*count > 0) return cudaSuccess;
+  }
+  const cudaError_t err = cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess && device >= 0 && device < kMaxDevices) cached[device].store(*count);
+  return err;
+}
+
+// Splits so that rows x KV heads x head chunks x splits fills every SM with
+// as many CTAs as fit, without splits shorter than kMinTokensPerSplit. Depends
+// only on shapes and the device, never on data, so CUDA graphs can replay it.
+// Reads the shape fields of `p` (num_rows ... max_kept, dtype).
+inline cudaError_t make_plan(const Params& p, int device, Plan* plan) {
+  if (p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0) return cudaErrorInvalidValue;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  plan->group_max = group_max_for(group);
+  plan->num_head_chunks = (group + plan->group_max - 1) / plan->group_max;
+
+  int ctas_per_sm = 0, sms = 0;
+  cudaError_t err = with_variant(p.dtype, p.head_dim, plan->group_max, [&](auto variant) {
+    return decltype(variant)::prepare(device, &ctas_per_sm);
+  });
+  if (err != cudaSuccess) return err;
+  if ((err = sm_count(device, &sms)) != cudaSuccess) return err;
+
+  const int64_t units = int64_t(std::max(p.num_rows, 1)) * p.num_kv_heads * plan->num_head_chunks;
+  const int64_t target = int64_t(sms) * ctas_per_sm;
+  int64_t splits = (target + units - 1) / units;
+  const int64_t kept_tokens = int64_t(p.max_kept) * p.block_size;
+  splits = std::min<int64_t>(splits, (kept_tokens + kMinTokensPerSplit - 1) / kMinTokensPerSplit);
+  splits = std::min<int64_t>(splits, std::min(kMaxSplits, std::max(p.max_kept, 1)));
+  plan->num_splits = int(std::max<int64_t>(splits, 1));
+  plan->workspace_bytes = plan->num_splits == 1
+                              ? 0
+                              : size_t(plan->num_splits) * p.num_rows * p.num_q_heads *
+                                    (p.head_dim + 1) * sizeof(float);
+  return cudaSuccess;
+}
+
+// Largest workspace any batch of 1..max_rows rows of this shape needs.
+inline cudaError_t max_workspace_bytes(Params p, int max_rows, int device, size_t* bytes) {
+  *bytes = 0;
+  for (int rows = 1; rows <= max_rows; ++rows) {
+    p.num_rows = rows;
+    Plan plan;
+    const cudaError_t err = make_plan(p, device, &plan);
+    if (err != cudaSuccess) return err;
+    *bytes = std::max(*bytes, plan.workspace_bytes);
+  }
+  return cudaSuccess;
+}
+
+// Launches the decode (and the split-K merge) on `stream`. `workspace` must
+// hold plan.workspace_bytes, 16-byte aligned. Returns the launch error.
+inline cudaError_t run(Params p, const Plan& plan, void* workspace, cudaStream_t stream) {
+  if (p.num_rows == 0) return cudaSuccess;
+  p.group_size = p.num_q_heads / p.num_kv_heads;
+  p.num_head_chunks = plan.num_head_chunks;
+  p.num_splits = plan.num_splits;
+  // [splits, N, Hq, D] partial outputs, then [splits, N, Hq] partial lse.
+  p.partial_out = static_cast<float*>(workspace);
+  p.partial_lse = p.partial_out == nullptr
+                      ? nullptr
+                      : p.partial_out + size_t(plan.num_splits) * p.num_rows * p.num_q_heads *
+                                            p.head_dim;
+  return with_variant(p.dtype, p.head_dim, plan.group_max,
+                      [&](auto variant) { return decltype(variant)::launch(p, stream); });
+}
+
+}  // namespace sparse_decode
+}  // namespace prhs

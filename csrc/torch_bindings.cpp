@@ -1,0 +1,28 @@
+// Registers the prhs ops (torch.ops.prhs.*) and makes prhs_vllm._C importable.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "sparse_decode/sparse_decode_launcher.h"
+
+TORCH_LIBRARY(prhs, m) {
+  m.def(
+      "sparse_paged_decode(Tensor query, Tensor key_cache, Tensor value_cache, "
+      "Tensor block_table, Tensor seq_lens, Tensor kept_slots, Tensor num_kept, float scale, "
+      "Tensor(a!) out, Tensor(b!) lse, Tensor(c!) workspace) -> ()");
+  m.def(
+      "sparse_paged_decode_workspace_size(int max_num_rows, int num_q_heads, int num_kv_heads, "
+      "int head_dim, int block_size, int max_kept, ScalarType dtype, int device_index) -> int",
+      &sparse_paged_decode_workspace_size);
+  m.def(
+      "sparse_paged_decode_plan(int num_rows, int num_q_heads, int num_kv_heads, int head_dim, "
+      "int block_size, int max_kept, ScalarType dtype, int device_index) -> int[]",
+      &sparse_paged_decode_plan);
+}
+
+TORCH_LIBRARY_IMPL(prhs, CUDA, m) { m.impl("sparse_paged_decode", &sparse_paged_decode); }
+
+// The ops register when the library loads; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
