@@ -59,12 +59,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--out", default=None, help="append a JSON line here")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="write a torch-profiler table of the decode run here (runs the engine in-process)",
+    )
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    if args.profile:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # profile the engine in-process
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -107,6 +114,14 @@ def main() -> None:
     timed(1)  # warm-up
     t_prefill, _ = timed(1)
     t_full, outputs = timed(1 + args.output_len)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            timed(1 + min(args.output_len, 8))
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        table += "\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+        Path(args.profile).write_text(table)
     decode_s = t_full - t_prefill
     result = {
         "backend": args.backend,
