@@ -70,6 +70,12 @@ void sparse_paged_decode(const at::Tensor& query, const at::Tensor& key_cache,
   TORCH_CHECK(query.is_cuda(), "query must be a CUDA tensor");
   TORCH_CHECK(query.dim() == 3, "query must be [N, Hq, D]");
   TORCH_CHECK(key_cache.dim() == 4, "key_cache must be [P, Hkv, block_size, D]");
+  // Dims before any size(i) below (kept_slots.size(-1) of a 0-dim tensor throws
+  // an index error that names neither the argument nor the op).
+  check_int32(block_table, "block_table", 2);
+  check_int32(seq_lens, "seq_lens", 1);
+  check_int32(kept_slots, "kept_slots", 3);
+  check_int32(num_kept, "num_kept", 2);
   const int64_t num_rows = query.size(0), num_q_heads = query.size(1), head_dim = query.size(2);
   const int64_t num_kv_heads = key_cache.size(1), block_size = key_cache.size(2);
   sd::Params p = shape_params(num_rows, num_q_heads, num_kv_heads, head_dim, block_size,
@@ -90,10 +96,6 @@ void sparse_paged_decode(const at::Tensor& query, const at::Tensor& key_cache,
   check_vectors(value_cache, "value_cache");
   check_vectors(out, "out");
 
-  check_int32(block_table, "block_table", 2);
-  check_int32(seq_lens, "seq_lens", 1);
-  check_int32(kept_slots, "kept_slots", 3);
-  check_int32(num_kept, "num_kept", 2);
   TORCH_CHECK(block_table.size(0) == num_rows && block_table.stride(1) == 1,
               "block_table must be [N, M] with contiguous rows");
   TORCH_CHECK(seq_lens.size(0) == num_rows && seq_lens.is_contiguous(), "seq_lens must be [N]");

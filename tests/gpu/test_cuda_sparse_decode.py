@@ -16,6 +16,7 @@ import torch
 from test_sparse_decode_indexed import decode_tol, paged_inputs, random_keep, trim_slots
 
 from prhs_vllm.ops import cuda as cuda_ops
+from prhs_vllm.ops.cuda.sparse_decode import SparseDecodeArgumentError
 from prhs_vllm.ops.ref.sparse_decode_indexed import compact_keep
 from prhs_vllm.ops.ref.sparse_decode_indexed import sparse_paged_decode_indexed as reference
 
@@ -222,12 +223,57 @@ def test_cuda_graph_replay(gen):
 
 
 def test_rejects_bad_arguments(gen):
+    """Checked in Python before the extension is called (see also
+    tests/test_cuda_wrapper_validation.py). Mismatched devices need 2 GPUs."""
     args = list(inputs_and_slots(gen, LENS, 2, 4, 128, 16, torch.bfloat16))
-    with pytest.raises(RuntimeError, match="workspace"):
+    with pytest.raises(SparseDecodeArgumentError, match="workspace"):
         run_kernel(*args, 0.1, workspace=torch.empty(0, dtype=torch.uint8, device=DEVICE))
-    with pytest.raises(RuntimeError, match="int32"):
+    with pytest.raises(SparseDecodeArgumentError, match="kept_slots must be int32"):
         run_kernel(*args[:5], args[5].long(), args[6], 0.1)
-    with pytest.raises(RuntimeError, match="head_dim"):
+    with pytest.raises(SparseDecodeArgumentError, match="head_dim"):
         run_kernel(*inputs_and_slots(gen, LENS, 2, 4, 96, 16, torch.bfloat16), 0.1)
-    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
+    with pytest.raises(SparseDecodeArgumentError, match="bfloat16 or float16"):
         run_kernel(*inputs_and_slots(gen, LENS, 2, 4, 128, 16, torch.float32), 0.1)
+
+
+# The op itself, bypassing the Python checks, in a child process: a C++
+# TORCH_CHECK must come back as RuntimeError, and a crash in the exception path
+# fails this test instead of killing the whole run.
+_CPP_ERROR_SCRIPT = """
+import torch
+import prhs_vllm._C  # noqa: F401
+
+def case(name, fn):
+    try:
+        fn()
+    except RuntimeError as exc:
+        print(name, "RuntimeError:", str(exc).splitlines()[0][:120], flush=True)
+    else:
+        print(name, "no error", flush=True)
+
+case("aten", lambda: torch.ones(2, 3) @ torch.ones(2, 3))
+case("plan", lambda: torch.ops.prhs.sparse_paged_decode_plan(1, 4, 2, 96, 16, 1, torch.bfloat16, 0))
+q = torch.zeros(6, 8, 128, dtype=torch.bfloat16, device="cuda")
+kv = torch.zeros(40, 2, 16, 128, dtype=torch.bfloat16, device="cuda")
+i32 = lambda *shape: torch.zeros(*shape, dtype=torch.int32, device="cuda")
+case("decode", lambda: torch.ops.prhs.sparse_paged_decode(
+    q, kv, kv, i32(6, 8), i32(6), i32(6, 2, 8), i32(6, 2), 0.1, torch.empty_like(q),
+    torch.empty(6, 8, device="cuda"), torch.empty(0, dtype=torch.uint8, device="cuda")))
+"""
+
+
+def test_cpp_checks_raise_runtime_error():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", _CPP_ERROR_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    report = f"rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, report
+    assert "aten RuntimeError" in proc.stdout, report
+    assert "plan RuntimeError: prhs sparse_paged_decode: head_dim" in proc.stdout, report
+    assert "decode RuntimeError: workspace holds 0 bytes" in proc.stdout, report

@@ -103,7 +103,7 @@ def split_plan(
 ) -> dict[str, int]:
     """How one call is cut up: query heads per CTA, CTAs per KV head group,
     split-K factor and workspace bytes."""
-    group_max, head_chunks, splits, nbytes = _ops().sparse_paged_decode_plan(
+    group_max, head_chunks, splits, nbytes = _plan(
         num_rows,
         num_q_heads,
         num_kv_heads,
@@ -121,13 +121,214 @@ def split_plan(
     }
 
 
-_workspaces: dict[torch.device, torch.Tensor] = {}
+@functools.lru_cache(maxsize=4096)
+def _plan(
+    num_rows: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    max_kept: int,
+    dtype: torch.dtype,
+    device_index: int,
+) -> tuple[int, int, int, int]:
+    """The plan depends only on shapes and the device (never on data), so one
+    op call per distinct shape is enough: later calls are a dict lookup."""
+    plan = _ops().sparse_paged_decode_plan(
+        num_rows, num_q_heads, num_kv_heads, head_dim, block_size, max_kept, dtype, device_index
+    )
+    return tuple(int(x) for x in plan)
 
 
-def _shared_workspace(query, key_cache, kept_slots) -> torch.Tensor:
-    """A per-device workspace, grown on demand outside graph capture."""
+class SparseDecodeArgumentError(ValueError):
+    """An argument the CUDA sparse decode cannot take (checked in Python,
+    before any call into the extension)."""
+
+
+_DTYPES = (torch.bfloat16, torch.float16)
+_HEAD_DIMS = (64, 128, 256)
+_SEGMENT = 16  # tokens per kept segment: block_size must be a multiple
+_ALIGN = 16  # bytes: the kernels use 16-byte vector loads and stores
+_VECTOR = 8  # elements of 16 bits in 16 bytes: row strides must be multiples
+# The device type the kernels run on; tests of the checks on CPU tensors patch it.
+_KERNEL_DEVICE_TYPE = "cuda"
+
+
+def _fail(message: str) -> None:
+    raise SparseDecodeArgumentError(f"sparse_paged_decode: {message}")
+
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_dims(t: torch.Tensor, name: str, dims: int, layout: str) -> None:
+    if t.dim() != dims:
+        _fail(f"{name} must have {dims} dims {layout}, got shape {tuple(t.shape)}")
+
+
+def _check_int32(t: torch.Tensor, name: str, dims: int, layout: str) -> None:
+    _check_tensor(t, name)
+    if t.dtype != torch.int32:
+        _fail(f"{name} must be int32, got {t.dtype}")
+    _check_dims(t, name, dims, layout)
+
+
+def _misaligned(t: torch.Tensor) -> bool:
+    """t's data does not start on a 16-byte boundary. Unknown (False) for
+    tensors without data: fake tensors while tracing."""
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        return t.data_ptr() % _ALIGN != 0
+    except RuntimeError:
+        return False
+
+
+def _check_vectors(t: torch.Tensor, name: str) -> None:
+    """16-byte vector accesses: contiguous last dim, 16-byte aligned start,
+    other strides whole vectors."""
+    if t.stride(-1) != 1:
+        _fail(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
+    if _misaligned(t):
+        _fail(f"{name} must be {_ALIGN}-byte aligned (data_ptr {t.data_ptr():#x})")
+    for d in range(t.dim() - 1):
+        if t.stride(d) % _VECTOR:
+            _fail(
+                f"{name} stride {d} must be a multiple of {_VECTOR} elements, "
+                f"got strides {t.stride()}"
+            )
+
+
+def check_arguments(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    kept_slots: torch.Tensor,
+    num_kept: torch.Tensor,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> None:
+    """Everything the CUDA op checks about its tensors except the workspace
+    size, without calling into the extension; raises SparseDecodeArgumentError.
+    Tensor metadata only (no device sync, no kernel)."""
+    _check_tensor(query, "query")
+    if query.dtype not in _DTYPES:
+        _fail(f"query must be bfloat16 or float16, got {query.dtype}")
+    _check_dims(query, "query", 3, "[N, Hq, D]")
+    device = query.device
+    if device.type != _KERNEL_DEVICE_TYPE:
+        _fail(f"query must be a CUDA tensor, got device {device}")
     num_rows, num_q_heads, head_dim = query.shape
-    need = split_plan(
+    if head_dim not in _HEAD_DIMS:
+        _fail(f"head_dim (query.shape[2]) must be 64, 128 or 256, got {head_dim}")
+
+    _check_tensor(key_cache, "key_cache")
+    _check_dims(key_cache, "key_cache", 4, "[P, Hkv, block_size, D]")
+    _, num_kv_heads, block_size, kv_head_dim = key_cache.shape
+    if key_cache.dtype != query.dtype:
+        _fail(f"key_cache must have query's dtype {query.dtype}, got {key_cache.dtype}")
+    if kv_head_dim != head_dim:
+        _fail(f"key_cache head_dim {kv_head_dim} differs from query's {head_dim}")
+    if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
+        _fail(
+            f"num_q_heads {num_q_heads} (query) is not a multiple of num_kv_heads "
+            f"{num_kv_heads} (key_cache)"
+        )
+    if block_size <= 0 or block_size % _SEGMENT:
+        _fail(f"block_size (key_cache.shape[2]) must be a multiple of 16, got {block_size}")
+    _check_tensor(value_cache, "value_cache")
+    if value_cache.dtype != query.dtype:
+        _fail(f"value_cache must have query's dtype {query.dtype}, got {value_cache.dtype}")
+    if value_cache.shape != key_cache.shape:
+        _fail(
+            f"value_cache must have key_cache's shape {tuple(key_cache.shape)}, "
+            f"got {tuple(value_cache.shape)}"
+        )
+    if value_cache.stride() != key_cache.stride():
+        _fail(
+            f"value_cache must have key_cache's strides {key_cache.stride()}, "
+            f"got {value_cache.stride()}"
+        )
+
+    _check_int32(block_table, "block_table", 2, "[N, M]")
+    if block_table.shape[0] != num_rows or block_table.stride(1) != 1:
+        _fail(
+            f"block_table must be [N={num_rows}, M] with contiguous rows, got shape "
+            f"{tuple(block_table.shape)} strides {block_table.stride()}"
+        )
+    _check_int32(seq_lens, "seq_lens", 1, "[N]")
+    if seq_lens.shape[0] != num_rows or not seq_lens.is_contiguous():
+        _fail(f"seq_lens must be contiguous [N={num_rows}], got shape {tuple(seq_lens.shape)}")
+    _check_int32(kept_slots, "kept_slots", 3, "[N, Hkv, K]")
+    if tuple(kept_slots.shape[:2]) != (num_rows, num_kv_heads) or not kept_slots.is_contiguous():
+        _fail(
+            f"kept_slots must be contiguous [N={num_rows}, Hkv={num_kv_heads}, K], got shape "
+            f"{tuple(kept_slots.shape)} strides {kept_slots.stride()}"
+        )
+    _check_int32(num_kept, "num_kept", 2, "[N, Hkv]")
+    if tuple(num_kept.shape) != (num_rows, num_kv_heads) or not num_kept.is_contiguous():
+        _fail(
+            f"num_kept must be contiguous [N={num_rows}, Hkv={num_kv_heads}], got shape "
+            f"{tuple(num_kept.shape)} strides {num_kept.stride()}"
+        )
+
+    tensors = [
+        ("key_cache", key_cache),
+        ("value_cache", value_cache),
+        ("block_table", block_table),
+        ("seq_lens", seq_lens),
+        ("kept_slots", kept_slots),
+        ("num_kept", num_kept),
+    ]
+    if out is not None:
+        _check_tensor(out, "out")
+        if out.dtype != query.dtype:
+            _fail(f"out must have query's dtype {query.dtype}, got {out.dtype}")
+        if out.shape != query.shape:
+            _fail(f"out must be [N, Hq, D] {tuple(query.shape)}, got {tuple(out.shape)}")
+        tensors.append(("out", out))
+    if lse is not None:
+        _check_tensor(lse, "lse")
+        if lse.dtype != torch.float32:
+            _fail(f"lse must be float32, got {lse.dtype}")
+        if tuple(lse.shape) != (num_rows, num_q_heads):
+            _fail(f"lse must be [N, Hq] {(num_rows, num_q_heads)}, got {tuple(lse.shape)}")
+        tensors.append(("lse", lse))
+    for name, t in tensors:
+        if t.device != device:
+            _fail(f"{name} is on {t.device}, query on {device}: all tensors must share a device")
+
+    _check_vectors(query, "query")
+    _check_vectors(key_cache, "key_cache")
+    _check_vectors(value_cache, "value_cache")
+    if out is not None:
+        _check_vectors(out, "out")
+
+
+def check_workspace(workspace: torch.Tensor, device: torch.device, need: int) -> None:
+    """A caller's workspace: on `device`, contiguous, >= need bytes, aligned."""
+    _check_tensor(workspace, "workspace")
+    if workspace.device != device:
+        _fail(f"workspace is on {workspace.device}, query on {device}")
+    if not workspace.is_contiguous():
+        _fail("workspace must be contiguous")
+    nbytes = workspace.numel() * workspace.element_size()
+    if nbytes < need:
+        _fail(
+            f"workspace holds {nbytes} bytes, this call needs {need} "
+            "(size it with alloc_workspace / workspace_size for the largest batch)"
+        )
+    if need > 0 and _misaligned(workspace):
+        _fail(f"workspace must be {_ALIGN}-byte aligned (data_ptr {workspace.data_ptr():#x})")
+
+
+def _workspace_bytes(query, key_cache, kept_slots) -> int:
+    num_rows, num_q_heads, head_dim = query.shape
+    return split_plan(
         num_rows,
         num_q_heads,
         key_cache.shape[1],
@@ -137,6 +338,14 @@ def _shared_workspace(query, key_cache, kept_slots) -> torch.Tensor:
         query.dtype,
         query.device,
     )["workspace_bytes"]
+
+
+_workspaces: dict[torch.device, torch.Tensor] = {}
+
+
+def _shared_workspace(query, key_cache, kept_slots) -> torch.Tensor:
+    """A per-device workspace, grown on demand outside graph capture."""
+    need = _workspace_bytes(query, key_cache, kept_slots)
     workspace = _workspaces.get(query.device)
     if workspace is None or workspace.numel() < need:
         if torch.cuda.is_current_stream_capturing():
@@ -183,7 +392,17 @@ def sparse_paged_decode_indexed(
             per-device workspace is used (and grown outside graph capture).
     Returns:
         (out [N, Hq, D], lse [N, Hq] float32; 0 and -inf where nothing is visible).
+    Raises:
+        SparseDecodeArgumentError (a ValueError): an argument the kernel cannot
+        take; checked in Python on tensor metadata before the extension is called.
     """
+    # Every argument is checked here, before any call into the extension: a bad
+    # one raises SparseDecodeArgumentError (a ValueError) naming it.
+    check_arguments(
+        query, key_cache, value_cache, block_table, seq_lens, kept_slots, num_kept, out, lse
+    )
+    if workspace is not None:
+        check_workspace(workspace, query.device, _workspace_bytes(query, key_cache, kept_slots))
     ops = _ops()
     num_rows, num_q_heads, head_dim = query.shape
     if out is None:
