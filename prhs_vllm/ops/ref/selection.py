@@ -223,7 +223,9 @@ def select_from_logits(
     if params.delta > 0:
         take &= mass_before < 1.0 - params.delta
     keep_block = torch.zeros_like(take).scatter(-1, order, take)
-    keep_opt = keep_block.repeat_interleave(bp, dim=-1)[..., :num_slots] & optional
+    # expand + reshape, not repeat_interleave: the latter syncs with the host on CUDA.
+    keep_pages = keep_block[..., None].expand(*keep_block.shape, bp).flatten(-2)
+    keep_opt = keep_pages[..., :num_slots] & optional
     keep = must | keep_opt
     return Selection(
         keep=keep, est_kept_mass=(mass * keep).sum(-1), num_pages=num_pages, bound_logits=bound
