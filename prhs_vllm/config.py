@@ -171,6 +171,17 @@ class PrhsConfig(BaseModel):
     )
     """Seconds between stats log lines (0 = never log)."""
 
+    cuda_graphs: bool = Field(
+        default=True,
+        strict=True,
+        description=(
+            "On CUDA, capture each layer's sparse decode step (scoring, selection, attention) "
+            "in a CUDA graph per batch-size and context bucket; launching it op by op costs "
+            "far more host time than the GPU work."
+        ),
+    )
+    """Capture the sparse decode step in CUDA graphs (CUDA only)."""
+
     @field_validator("block_pages", mode="before")
     @classmethod
     def _block_pages_exact_int(cls, value: Any) -> Any:
@@ -198,7 +209,8 @@ class PrhsConfig(BaseModel):
             f"sink_tokens={self.sink_tokens} local_tokens={self.local_tokens} "
             f"block_pages={self.block_pages} min_context={self.min_context} "
             f"dense_layers=[{layers}] estimator={self.estimator} "
-            f"metrics={'on' if self.metrics else 'off'} log_interval_s={self.log_interval_s:g}"
+            f"metrics={'on' if self.metrics else 'off'} log_interval_s={self.log_interval_s:g} "
+            f"cuda_graphs={'on' if self.cuda_graphs else 'off'}"
         )
 
 

@@ -31,6 +31,7 @@ FIELDS = [
     "estimator",
     "metrics",
     "log_interval_s",
+    "cuda_graphs",
 ]
 
 

@@ -17,8 +17,9 @@ import torch
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 
 from prhs_vllm import LOGGER_NAME, _compat, metrics, ops
+from prhs_vllm.backend.step import StepGraphs, sparse_step
 from prhs_vllm.config import PrhsConfig, resolve_config
-from prhs_vllm.ops import SelectionParams, dropped_mass_upper_bound
+from prhs_vllm.ops import SelectionParams
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -190,6 +191,7 @@ class PrhsImplMixin:
         self._dense_reason = dense_reason(self, self.kv_cache_dtype)
         self._sparse_layer: bool | None = None  # known once the layer name is seen
         self._summaries: PageSummaries | None = None
+        self._step_graphs = StepGraphs()
 
     def split_kv_cache(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -254,38 +256,25 @@ class PrhsImplMixin:
         key_cache, value_cache = self.split_kv_cache(kv_cache)
         summaries = self._page_summaries(kv_cache)
         q = query.view(query.shape[0], self.num_heads, self.head_size)[rows.token_idx]
-        selection = ops.select(
-            q,
-            summaries.key_sum,
-            summaries.key_min,
-            summaries.key_max,
-            rows.block_table,
-            rows.seq_lens,
-            SelectionParams(
-                block_size=key_cache.shape[2],
-                scale=self.scale,
-                budget=cfg.budget,
-                delta=cfg.delta,
-                sink_tokens=cfg.sink_tokens,
-                local_tokens=cfg.local_tokens,
-                block_pages=cfg.block_pages,
-                estimator=cfg.estimator,
-            ),
-            num_slots=rows.max_pages,
+        params = SelectionParams(
+            block_size=key_cache.shape[2],
+            scale=self.scale,
+            budget=cfg.budget,
+            delta=cfg.delta,
+            sink_tokens=cfg.sink_tokens,
+            local_tokens=cfg.local_tokens,
+            block_pages=cfg.block_pages,
+            estimator=cfg.estimator,
         )
-        out, lse = ops.sparse_decode(
-            q, key_cache, value_cache, rows.block_table, rows.seq_lens, selection.keep, self.scale
-        )
-        output.view(output.shape[0], self.num_heads, self.head_size)[rows.token_idx] = out.to(
-            output.dtype
+        args = (q, summaries, key_cache, value_cache, rows.block_table, rows.seq_lens, params)
+        if q.is_cuda and cfg.cuda_graphs:
+            result = self._step_graphs.run(*args, rows.max_pages, cfg.metrics)
+        else:
+            result = sparse_step(*args, rows.max_pages, cfg.metrics)
+        output.view(output.shape[0], self.num_heads, self.head_size)[rows.token_idx] = (
+            result.out.to(output.dtype)
         )
         if cfg.metrics:
-            num_rows, num_kv_heads = selection.keep.shape[:2]
-            certified = dropped_mass_upper_bound(
-                selection.bound_logits,
-                selection.keep,
-                lse.view(num_rows, num_kv_heads, -1),
-            )
             self.prhs_stats.record_layer(
-                selection.keep.sum(-1), selection.num_pages, selection.est_kept_mass, certified
+                result.keep_counts, result.num_pages, result.est_kept_mass, result.certified_dropped
             )

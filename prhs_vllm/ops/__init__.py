@@ -27,6 +27,7 @@ from prhs_vllm.ops.ref.sparse_decode_indexed import compact_keep, sparse_paged_d
 __all__ = [
     "Selection",
     "SelectionParams",
+    "cuda_kernels_ready",
     "dropped_mass_upper_bound",
     "kernel_report",
     "select",
@@ -53,6 +54,11 @@ def _cuda_ready() -> bool:
     from prhs_vllm.ops.cuda import sparse_decode as cuda_ops
 
     return cuda_ops.is_available()
+
+
+def cuda_kernels_ready() -> bool:
+    """Whether the csrc sparse decode kernel serves CUDA tensors here."""
+    return _cuda_ready()
 
 
 def kernel_report() -> str:
@@ -102,11 +108,13 @@ def sparse_decode(
     seq_lens: torch.Tensor,
     keep: torch.Tensor,
     scale: float,
+    workspace: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``ref.sparse_paged_decode`` (same arguments and results).
 
     On CUDA the kept pages are compacted on the device (no host sync) and read
     by the csrc kernel, or by the indexed reference when it is not built.
+    ``workspace`` (CUDA kernel only) is its split-K scratch, for graph capture.
     """
     if not query.is_cuda:
         return sparse_paged_decode(
@@ -120,7 +128,10 @@ def sparse_decode(
             sparse_paged_decode_indexed as cuda_decode,
         )
 
-        return cuda_decode(query, key_cache, value_cache, table, lens, kept_slots, num_kept, scale)
+        return cuda_decode(
+            query, key_cache, value_cache, table, lens, kept_slots, num_kept, scale,
+            workspace=workspace,
+        )  # fmt: skip
     return sparse_paged_decode_indexed(
         query, key_cache, value_cache, table, lens, kept_slots, num_kept, scale
     )
