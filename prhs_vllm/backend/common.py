@@ -134,9 +134,10 @@ _install_memory_accounting()
 class PrhsBuilderMixin:
     """Wraps the platform builder: its metadata plus the sparse rows."""
 
-    # The reference path decides sparsity on the host, so a captured graph
-    # would freeze one step's decision. NEVER keeps attention out of graphs
-    # (vLLM then uses piecewise graphs); the GPU kernels issue lifts this.
+    # Sparsity is decided on the host each step, so a graph captured by vLLM
+    # would freeze one step's decision. NEVER keeps attention out of vLLM's
+    # graphs (it then uses piecewise graphs); the sparse step replays graphs of
+    # its own (backend/step.py).
     _cudagraph_support = AttentionCGSupport.NEVER
     supports_update_block_table = False
 
