@@ -28,7 +28,15 @@ def register() -> None:
 
     from prhs_vllm import _compat, metrics
 
-    _compat.check_supported_version()
+    try:
+        _compat.check_supported_version()
+    except RuntimeError as exc:
+        # Refusing to load would stop every vLLM start on this machine, prhs
+        # asked for or not; without registration `--attention-backend prhs`
+        # fails in vLLM's own backend lookup, and this line says why.
+        logger.error("prhs backend not registered: %s", exc)
+        _registered = True
+        return
     if current_platform.is_cpu():
         class_path = CPU_BACKEND
         _compat.route_cpu_platform_to_prhs(class_path)

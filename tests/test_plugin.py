@@ -220,3 +220,17 @@ def test_worker_flush_round_trips_through_collector(tmp_path, monkeypatch):
     assert totals["prhs_head_selections"] == 6
     assert totals["prhs_est_dropped_mass_sum"] == pytest.approx(0.6)
     assert totals["prhs_certified_dropped_mass_sum"] == pytest.approx(1.2)
+
+
+def test_unsupported_vllm_version_skips_registration_without_breaking_vllm(monkeypatch, caplog):
+    import prhs_vllm.plugin as plugin
+    from prhs_vllm import _compat
+
+    monkeypatch.setattr(plugin, "_registered", False)
+    monkeypatch.setattr(_compat, "vllm_version", lambda: (0, 40))
+    called = []
+    monkeypatch.setattr(_compat, "register_prhs_backend", lambda path: called.append(path))
+    with caplog.at_level("ERROR", logger="vllm.prhs"):
+        plugin.register()  # must not raise
+    assert called == []
+    assert "supports vLLM >= 0.26, < 0.34; found 0.40" in caplog.text
