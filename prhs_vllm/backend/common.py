@@ -193,6 +193,7 @@ class PrhsImplMixin:
         self._sparse_layer: bool | None = None  # known once the layer name is seen
         self._summaries: PageSummaries | None = None
         self._step_graphs = StepGraphs()
+        self._params: SelectionParams | None = None
 
     def split_kv_cache(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -250,6 +251,22 @@ class PrhsImplMixin:
         self._forward_sparse(query, kv_cache, sparse, output)
         return output
 
+    def _selection_params(self, block_size: int) -> SelectionParams:
+        # Fixed per layer: built once, not on every step.
+        if self._params is None or self._params.block_size != block_size:
+            cfg = self.prhs_config
+            self._params = SelectionParams(
+                block_size=block_size,
+                scale=self.scale,
+                budget=cfg.budget,
+                delta=cfg.delta,
+                sink_tokens=cfg.sink_tokens,
+                local_tokens=cfg.local_tokens,
+                block_pages=cfg.block_pages,
+                estimator=cfg.estimator,
+            )
+        return self._params
+
     def _forward_sparse(
         self, query: torch.Tensor, kv_cache: torch.Tensor, rows: SparseRows, output: torch.Tensor
     ) -> None:
@@ -257,16 +274,7 @@ class PrhsImplMixin:
         key_cache, value_cache = self.split_kv_cache(kv_cache)
         summaries = self._page_summaries(kv_cache)
         q = query.view(query.shape[0], self.num_heads, self.head_size)[rows.token_idx]
-        params = SelectionParams(
-            block_size=key_cache.shape[2],
-            scale=self.scale,
-            budget=cfg.budget,
-            delta=cfg.delta,
-            sink_tokens=cfg.sink_tokens,
-            local_tokens=cfg.local_tokens,
-            block_pages=cfg.block_pages,
-            estimator=cfg.estimator,
-        )
+        params = self._selection_params(key_cache.shape[2])
         args = (q, summaries, key_cache, value_cache, rows.block_table, rows.seq_lens, params)
         if q.is_cuda and cfg.cuda_graphs:
             result = self._step_graphs.run(*args, rows.max_pages, cfg.metrics)
