@@ -111,10 +111,10 @@ def bench(batch: int, context: int, budget: int, l2: int, replays: int, gen, fla
             q, key_sum, key_min, key_max, table, seq, BLOCK_SIZE, params.scale, pages
         )
 
-    est, bound = scoring()
+    logits = scoring()
 
     def selection():
-        return select_from_logits(est, bound, seq, params)
+        return select_from_logits(logits, seq, params)
 
     keep = selection().keep
 

@@ -41,6 +41,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ceiling-gbs", type=float, default=3040.0, help="copy ceiling, GB/s")
     parser.add_argument("--no-ref", action="store_true", help="skip the torch reference")
     parser.add_argument(
+        "--skip-frac",
+        type=float,
+        default=0.0,
+        help="also time page_logits with this random share of (row, KV head) pairs skipped",
+    )
+    parser.add_argument(
         "--sweep", action="store_true", help="also time page_logits over BLOCK_M x num_warps"
     )
     parser.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
@@ -113,11 +119,11 @@ def main() -> None:
             summary_bytes = pages * page_bytes
 
             def triton_scoring(call=call):
-                est, _ = page_logits(*call)
+                est = page_logits(*call).est
                 return group_page_mass(est)
 
             def torch_scoring(call=call):
-                est, _ = ref_page_logits(*call)
+                est = ref_page_logits(*call).est
                 return torch.softmax(est, dim=-1).mean(dim=2)
 
             row = {
@@ -126,10 +132,16 @@ def main() -> None:
                 "pages": pages,
                 "summary_bytes": summary_bytes,
             }
-            est, bound = page_logits(*call)
+            est, bound, _ = page_logits(*call)
             mass = group_page_mass(est)
             row["triton_ms"] = bench(triton_scoring, args.rep)
             row["page_logits_ms"] = bench(lambda call=call: page_logits(*call), args.rep)
+            if args.skip_frac > 0:  # reused (row, head) pairs read nothing
+                skip = torch.rand(batch, args.kv_heads, device="cuda") < args.skip_frac
+                row["skip_frac"] = args.skip_frac
+                row["page_logits_skip_ms"] = bench(
+                    lambda call=call, skip=skip: page_logits(*call, skip=skip), args.rep
+                )
             row["group_page_mass_ms"] = bench(lambda est=est: group_page_mass(est), args.rep)
             # Summary bytes over the whole scoring time (est / bound / mass traffic is
             # ~2% more at G = 4, D = 128), and over page_logits alone.
@@ -139,7 +151,7 @@ def main() -> None:
             row["torch_ms"] = None
             if not args.no_ref:
                 try:
-                    want_est, want_bound = ref_page_logits(*call)
+                    want_est, want_bound, _ = ref_page_logits(*call)
                     torch.testing.assert_close(est, want_est, atol=1e-4, rtol=1e-5)
                     torch.testing.assert_close(bound, want_bound, atol=1e-4, rtol=1e-5)
                     want_mass = torch.softmax(want_est, dim=-1).mean(dim=2)

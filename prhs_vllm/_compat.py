@@ -177,7 +177,7 @@ def extract_layer_index(layer_name: str) -> int:
     return _extract(layer_name)
 
 
-def reserve_summary_memory(summary_bytes_per_page, is_cpu: bool) -> None:
+def reserve_summary_memory(summary_bytes_per_page, is_cpu: bool, fixed_bytes=None) -> None:
     """Count the page summaries against the KV-cache budget.
 
     Why: vLLM hands all memory left after profiling to the KV cache; the
@@ -186,7 +186,10 @@ def reserve_summary_memory(summary_bytes_per_page, is_cpu: bool) -> None:
     could enlarge the page through `customize_spec`; 0.26 has no hook. How:
     wrap the worker's `determine_available_memory` so that, when prhs is the
     selected backend, the KV cache gets kv / (kv + summary) of the budget and
-    the summaries the rest. Other backends see the original unchanged.
+    the summaries the rest (`summary_bytes_per_page(vllm_config, kv_heads,
+    head_dim)` per page and layer), after `fixed_bytes(vllm_config)` (state
+    that does not grow with the cache) is taken off. Other backends see the
+    original unchanged.
     Remove when: the minimum vLLM has `customize_spec` and the backend sizes
     its page through it.
     """
@@ -204,12 +207,17 @@ def reserve_summary_memory(summary_bytes_per_page, is_cpu: bool) -> None:
         config = self.vllm_config
         if not is_prhs_selection(config.attention_config.backend):
             return available
+        fixed = fixed_bytes(config) if fixed_bytes is not None else 0
+        if fixed:
+            logger.info("prhs: %.3f GiB of the KV-cache budget reserved for reuse state",
+                        fixed / 2**30)  # fmt: skip
+            available = max(0, available - fixed)
         model = config.model_config
         kv_heads = model.get_num_kv_heads(config.parallel_config)
         head_size = model.get_head_size()
         dtype_bytes = model.dtype.itemsize if config.cache_config.cache_dtype == "auto" else 1
         kv_page = 2 * config.cache_config.block_size * kv_heads * head_size * dtype_bytes
-        summary_page = summary_bytes_per_page(kv_heads, head_size)
+        summary_page = summary_bytes_per_page(config, kv_heads, head_size)
         kept = int(available * kv_page / (kv_page + summary_page))
         logger.info(
             "prhs: %.2f GiB of the KV-cache budget reserved for page summaries",

@@ -146,14 +146,186 @@ class PrhsConfig(BaseModel):
     )
     """Layer indices (``model.layers.N.self_attn.attn`` -> N) that always run dense."""
 
-    estimator: Literal["centroid", "quest"] = Field(
-        default="centroid",
+    estimator: Literal["centroid", "quest", "bound", "hybrid"] = Field(
+        default="hybrid",
         description=(
-            "How a page's attention mass is estimated for ranking: `centroid` from the "
-            "page's key centroid, `quest` from the Quest per-channel min/max upper bound."
+            "How pages are ranked by attention mass: `centroid` (key centroid; a lower "
+            "bound), `quest` (Quest's per-channel min/max upper bound), `bound` (the "
+            "tighter upper bound from the min/max box and the centroid together) or "
+            "`hybrid` (per page the larger of the centroid's and the bound's normalized "
+            "mass: keeps what either ranks high)."
         ),
     )
-    """Page-mass estimator used for ranking: key centroid or Quest min/max upper bound."""
+    """Page ranking: centroid, Quest bound, mean-constrained bound, or the larger of the two."""
+
+    delta_control: Literal["estimate", "certified"] = Field(
+        default="estimate",
+        description=(
+            "What stops the fill before the cap: `estimate` when the estimated kept mass "
+            "reaches 1 - delta; `certified` when the certified upper bound on the dropped "
+            "mass is <= delta (never above delta unless the cap binds; keeps more pages)."
+        ),
+    )
+    """Stop rule: estimated kept mass >= 1 - delta, or certified dropped-mass bound <= delta."""
+
+    rerank: float = Field(
+        default=0.0,
+        ge=0,
+        le=8,
+        strict=False,
+        allow_inf_nan=False,
+        description=(
+            "Exact rerank: shortlist `rerank` x the budget cap of pages by the estimator, "
+            "then score them exactly from their keys (reads their keys once more). "
+            "0 turns it off."
+        ),
+    )
+    """Shortlist factor for exact rescoring from the keys (0 = off)."""
+
+    centroid_dtype: Literal["float32", "int8", "int4"] = Field(
+        default="float32",
+        description=(
+            "Storage of each page's key centroid. `float32`: the key sum with float32 "
+            "min/max boxes, 12 D bytes per page and KV head (19% of a 16-token bf16 page). "
+            "`int8` / `int4`: codes inside the page's min/max box (stored in bfloat16, "
+            "rounded outward), 5 D / 4.5 D bytes (7.8% / 7.0%); certified bounds then use "
+            "the box alone. Counted against the KV budget either way."
+        ),
+    )
+    """Centroid storage: float32 sums, or int8 / int4 codes in the page's box."""
+
+    head_block_pages: dict[Annotated[int, Field(ge=0)], tuple[Literal[1, 2, 4, 8], ...]] = Field(
+        default_factory=dict,
+        description=(
+            "Per-head block sizes (AB-Sparse): layer index -> one size in pages per KV "
+            "head. Layers not listed use `block_pages`. Written by `prhs-calibrate`."
+        ),
+    )
+    """Per-(layer, KV head) block sizes in pages; unlisted layers use ``block_pages``."""
+
+    psaw_start_layer: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "PSAW (depth axis): from this layer on, pages wholly before "
+            "(1 - psaw_phi^(psaw_alpha (l - start) / (L - start))) x context are not "
+            "candidates (sinks excepted). null turns it off."
+        ),
+    )
+    """First layer of the progressive sliding window (None = off)."""
+
+    psaw_phi: float = Field(
+        default=0.5,
+        gt=0,
+        lt=1,
+        allow_inf_nan=False,
+        description=(
+            "PSAW base phi in (0, 1): the deepest layer drops the first "
+            "(1 - phi^alpha) of its candidates."
+        ),
+    )
+    """PSAW base phi: the deepest layer drops the first (1 - phi^alpha) of the context."""
+
+    psaw_alpha: float = Field(
+        default=1.0,
+        gt=0,
+        le=16,
+        allow_inf_nan=False,
+        description=(
+            "PSAW exponent scale alpha: larger values shrink deeper layers' windows faster."
+        ),
+    )
+    """PSAW exponent scale alpha."""
+
+    etf_start_layer: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "ETF (layer axis): from this layer on, optional pages wholly before "
+            "(1 - etf_psi^(etf_gamma (l - start) / (L - start))) x context keep the "
+            "previous sparse layer's decision instead of being scored. null turns it off."
+        ),
+    )
+    """First layer that freezes early pages to the previous layer's selection (None = off)."""
+
+    etf_psi: float = Field(
+        default=0.5,
+        gt=0,
+        lt=1,
+        allow_inf_nan=False,
+        description=(
+            "ETF base psi in (0, 1): the deepest layer freezes the first "
+            "(1 - psi^gamma) of the context."
+        ),
+    )
+    """ETF base psi."""
+
+    etf_gamma: float = Field(
+        default=1.0,
+        gt=0,
+        le=16,
+        allow_inf_nan=False,
+        description=(
+            "ETF exponent scale gamma: larger values freeze more of the context in deeper layers."
+        ),
+    )
+    """ETF exponent scale gamma."""
+
+    reuse_tau: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description=(
+            "Time axis: a (request, KV head) reuses its last scored selection while every "
+            "query head of its group has cosine similarity >= reuse_tau to the query that "
+            "produced it. null turns reuse off."
+        ),
+    )
+    """Cosine-similarity threshold for reusing the previous selection (None = off)."""
+
+    reuse_max_age: int = Field(
+        default=8, ge=1, le=1024, description="Steps a selection may be reused before rescoring."
+    )
+    """Steps a selection may be reused before it is scored again."""
+
+    reuse_top_m: float = Field(
+        default=1 / 3,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description=(
+            "Fraction of the budget cap: how many of the reused selection's best pages are dilated."
+        ),
+    )
+    """Fraction of the cap (best kept pages) dilated when a selection is reused."""
+
+    reuse_radius: int = Field(
+        default=1, ge=0, le=8, description="Pages added on each side of the dilated pages."
+    )
+    """Pages added on each side of each dilated page."""
+
+    reuse_slots: int = Field(
+        default=1024,
+        ge=1,
+        le=65536,
+        description=(
+            "Reuse state slots per layer (hashed by the page a request writes); memory is "
+            "taken from the KV budget. More slots than running requests avoids collisions."
+        ),
+    )
+    """Hashed reuse-state slots per layer (memory counted against the KV budget)."""
+
+    audit: bool = Field(
+        default=False,
+        strict=True,
+        description=(
+            "Also compute dense attention mass for every sparse step and export the true "
+            "dropped mass next to the estimate and the certified bound (slow: for "
+            "measurement, not for serving)."
+        ),
+    )
+    """Measure the true dropped mass of every sparse step (slow)."""
 
     metrics: bool = Field(
         default=True,
@@ -201,6 +373,15 @@ class PrhsConfig(BaseModel):
             raise ValueError(f"duplicate layer indices {dups} (each layer may be listed once)")
         return value
 
+    def layer_fraction(
+        self, start: int | None, base: float, power: float, layer: int, num_layers: int
+    ) -> float:
+        """PSAW / ETF fraction of the context for ``layer``: 1 - base^(power (l - s) / (L - s)),
+        0 before ``start`` (or when ``start`` is None)."""
+        if start is None or layer < start or num_layers <= start:
+            return 0.0
+        return 1.0 - base ** (power * (layer - start) / (num_layers - start))
+
     def describe(self) -> str:
         """One-line summary for logs."""
         layers = ",".join(str(i) for i in self.dense_layers) or "none"
@@ -209,6 +390,11 @@ class PrhsConfig(BaseModel):
             f"sink_tokens={self.sink_tokens} local_tokens={self.local_tokens} "
             f"block_pages={self.block_pages} min_context={self.min_context} "
             f"dense_layers=[{layers}] estimator={self.estimator} "
+            f"delta_control={self.delta_control} rerank={self.rerank:g} "
+            f"centroid_dtype={self.centroid_dtype} "
+            f"head_block_pages={len(self.head_block_pages)} layers "
+            f"psaw_start_layer={self.psaw_start_layer} etf_start_layer={self.etf_start_layer} "
+            f"reuse_tau={self.reuse_tau} audit={'on' if self.audit else 'off'} "
             f"metrics={'on' if self.metrics else 'off'} log_interval_s={self.log_interval_s:g} "
             f"cuda_graphs={'on' if self.cuda_graphs else 'off'}"
         )
@@ -399,8 +585,11 @@ def config_reference_markdown() -> str:
         type_text = _type_text(info.annotation, list(info.metadata))
         if name == "dense_layers":
             type_text += ", no duplicates"
+        elif name == "head_block_pages":
+            type_text = "map: layer index (int >= 0) -> list of 1, 2, 4 or 8 (one per KV head)"
         desc = (info.description or "").replace("|", "\\|")
-        lines.append(f"| `{name}` | {type_text} | {_default_text(info.default)} | {desc} |")
+        default = info.get_default(call_default_factory=True)
+        lines.append(f"| `{name}` | {type_text} | {_default_text(default)} | {desc} |")
     return "\n".join(lines) + "\n"
 
 

@@ -40,12 +40,40 @@ METRICS: dict[str, tuple[str, str]] = {
         "Sum of certified upper bounds on dropped mass per (row, KV head).",
     ),
     "prhs_head_selections": ("counter", "Number of (row, layer, KV head) selections."),
+    "prhs_audit_true_dropped_mass_sum": (
+        "counter",
+        "Audit mode: sum of the true dropped mass per (row, KV head), from dense attention.",
+    ),
+    "prhs_audit_over_delta": (
+        "counter",
+        "Audit mode: (row, layer, KV head) selections whose true dropped mass exceeds delta.",
+    ),
+    "prhs_audit_bound_violations": (
+        "counter",
+        "Audit mode: selections whose certified bound is below the true dropped mass "
+        "(should stay 0).",
+    ),
+    "prhs_audit_selections": ("counter", "Audit mode: (row, layer, KV head) selections audited."),
+    "prhs_reused_selections": (
+        "counter",
+        "(row, layer, KV head) selections reused from an earlier step (time axis).",
+    ),
+    "prhs_scored_selections": (
+        "counter",
+        "(row, layer, KV head) selections scored this step: the estimate and certified "
+        "sums cover these (a reused selection has neither).",
+    ),
 }
 _DEVICE_FIELDS = (
     "prhs_pages_kept",
     "prhs_context_pages",
     "prhs_est_dropped_mass_sum",
     "prhs_certified_dropped_mass_sum",
+    "prhs_audit_true_dropped_mass_sum",
+    "prhs_audit_over_delta",
+    "prhs_audit_bound_violations",
+    "prhs_reused_selections",
+    "prhs_scored_selections",
 )
 
 
@@ -76,12 +104,18 @@ class StepStats:
         self._host["prhs_sparse_decode_tokens"] += sparse_rows
         self._host["prhs_dense_decode_tokens"] += dense_decode_rows
 
-    def record_layer(self, keep_counts, num_pages, est_kept_mass, certified_dropped) -> None:
+    def record_layer(
+        self, keep_counts, num_pages, est_kept_mass, certified_dropped, true_dropped=None,
+        delta: float = 0.0, reused=None,
+    ) -> None:  # fmt: skip
         """Add one layer's selection stats (device tensors, no sync).
 
         Args:
             keep_counts: [N, Hkv] int pages kept; num_pages: [N] int pages of context;
             est_kept_mass, certified_dropped: [N, Hkv] float32.
+            true_dropped: [N, Hkv] float32 from dense attention (audit mode), or None.
+            delta: the layer's target, for the audit's over-delta count.
+            reused: [N, Hkv] bool selections taken from an earlier step, or None.
         """
         import torch
 
@@ -90,15 +124,37 @@ class StepStats:
         # from the host on every layer, so they are counted on the host.
         self._host["prhs_sparse_layer_rows"] += rows
         self._host["prhs_head_selections"] += rows * heads
+        scored = torch.ones_like(est_kept_mass, dtype=torch.bool)
+        if reused is not None:
+            scored = ~reused
         values = torch.stack(
             [
                 keep_counts.sum().to(torch.float64),
                 (num_pages.sum() * heads).to(torch.float64),
-                (1.0 - est_kept_mass).clamp(min=0).sum().to(torch.float64),
-                certified_dropped.sum().to(torch.float64),
+                ((1.0 - est_kept_mass).clamp(min=0) * scored).sum().to(torch.float64),
+                (certified_dropped * scored).sum().to(torch.float64),
+                *self._audit_values(certified_dropped, true_dropped, delta, scored),
+                (~scored).sum().to(torch.float64),
+                scored.sum().to(torch.float64),
             ]
         )
+        if true_dropped is not None:
+            self._host["prhs_audit_selections"] += rows * heads
         self._device = values if self._device is None else self._device + values
+
+    @staticmethod
+    def _audit_values(certified, true_dropped, delta: float, scored) -> list:
+        import torch
+
+        if true_dropped is None:
+            return [torch.zeros((), dtype=torch.float64, device=certified.device)] * 3
+        # 1e-4: float32 rounding of masses near 1, not a real violation. A reused
+        # selection has no bound to violate.
+        return [
+            true_dropped.sum().to(torch.float64),
+            (true_dropped > delta).sum().to(torch.float64),
+            ((certified < true_dropped - 1e-4) & scored).sum().to(torch.float64),
+        ]
 
     def totals(self) -> dict[str, float]:
         """Current totals (reads device counters: a sync on GPU)."""
@@ -129,14 +185,25 @@ class StepStats:
 def format_summary(totals: dict[str, float]) -> str:
     """One line: sparse tokens, kept fraction, mean estimated / certified dropped mass."""
     heads = totals.get("prhs_head_selections", 0.0)
+    scored = totals.get("prhs_scored_selections", heads)
     pages = totals.get("prhs_context_pages", 0.0)
     kept = totals["prhs_pages_kept"] / pages if pages else 0.0
-    est = totals["prhs_est_dropped_mass_sum"] / heads if heads else 0.0
-    cert = totals["prhs_certified_dropped_mass_sum"] / heads if heads else 0.0
+    est = totals["prhs_est_dropped_mass_sum"] / scored if scored else 0.0
+    cert = totals["prhs_certified_dropped_mass_sum"] / scored if scored else 0.0
+    reused = totals.get("prhs_reused_selections", 0.0) / heads if heads else 0.0
+    audited = totals.get("prhs_audit_selections", 0.0)
+    audit = ""
+    if audited:
+        audit = (
+            f" true_dropped={totals['prhs_audit_true_dropped_mass_sum'] / audited:.4f}"
+            f" over_delta={totals['prhs_audit_over_delta'] / audited:.4f}"
+            f" bound_violations={int(totals['prhs_audit_bound_violations'])}"
+        )
     return (
         f"sparse_tokens={int(totals['prhs_sparse_decode_tokens'])} "
         f"dense_decode_tokens={int(totals['prhs_dense_decode_tokens'])} "
         f"kept_fraction={kept:.3f} est_dropped={est:.4f} certified_dropped={cert:.4f}"
+        f" reused={reused:.3f}{audit}"
     )
 
 

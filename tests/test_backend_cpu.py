@@ -29,6 +29,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from prhs_vllm import metrics
 from prhs_vllm.backend.common import PrhsMetadata
 from prhs_vllm.backend.cpu import PrhsCpuAttentionImpl, PrhsCpuAttentionMetadataBuilder
+from prhs_vllm.config import PrhsConfigError
 from prhs_vllm.ops import SelectionParams, select_pages
 
 BLOCK_SIZE = 32
@@ -54,6 +55,7 @@ SPARSE = {
 NO_SPARSE_ROWS = {**SPARSE, "min_context": 10**9}
 DENSE_LAYER = {**SPARSE, "dense_layers": [1, LAYER_INDEX]}
 
+REUSE = {**SPARSE, "reuse_tau": 0.9, "reuse_max_age": 4, "reuse_slots": 64}
 DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float32, id="fp32")]
 
 
@@ -220,6 +222,8 @@ class Workload:
     values: dict = field(default_factory=dict)
     pages: dict = field(default_factory=dict)
     topics: dict = field(default_factory=dict)
+    steady: bool = False  # each request's queries stay close to one direction
+    bases: dict = field(default_factory=dict)
 
     def __post_init__(self):
         free = torch.arange(1, NUM_PAGES)  # page 0 is the null page: never handed out
@@ -258,7 +262,13 @@ class Workload:
             self.values[request] = torch.cat([self.values.get(request, old[:0]), value])
             pos = torch.arange(len(old), seq_len)
             slots.append(torch.tensor(pages)[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE)
-            qs.append(torch.randn(num_new, NUM_HEADS, HEAD_DIM, generator=self.gen).to(self.dtype))
+            q = torch.randn(num_new, NUM_HEADS, HEAD_DIM, generator=self.gen)
+            if self.steady:
+                base = self.bases.setdefault(
+                    request, 3 * torch.randn(NUM_HEADS, HEAD_DIM, generator=self.gen)
+                )
+                q = base + 0.05 * q
+            qs.append(q.to(self.dtype))
             ks.append(key)
             vs.append(value)
             rows.append(Row(request, start, num_new, seq_len))
@@ -585,3 +595,211 @@ def test_incremental_summaries_over_2k_decode_steps(base_configs, gen):
         assert int(sel.keep.sum()) < cdiv(row.seq_len, BLOCK_SIZE) * NUM_KV_HEADS
         expected = reference(batch, row, sel.keep[0])
         torch.testing.assert_close(rows_of(out, row).float(), expected, **tol(dtype).close())
+
+
+def test_audit_mode_records_true_dropped_mass(base_configs, gen):
+    """audit: true measures dense attention for every sparse step; with certified
+    control and exact scoring of every page, no step drops more than delta and
+    the certified bound holds."""
+    dtype = torch.float32
+    cfg = {**SPARSE, "budget": 1.0, "delta": 0.05, "delta_control": "certified",
+           "rerank": 8.0, "audit": True}  # fmt: skip
+    prhs = prhs_runner(base_configs, dtype, cfg)
+    for batch in Workload(SPECS[0], dtype, gen).batches():
+        prhs.step(batch)
+    totals = metrics.process_stats().totals()
+    audited = totals["prhs_audit_selections"]
+    assert audited == totals["prhs_head_selections"] > 0
+    assert totals["prhs_audit_over_delta"] == 0
+    assert totals["prhs_audit_bound_violations"] == 0
+    true = totals["prhs_audit_true_dropped_mass_sum"] / audited
+    cert = totals["prhs_certified_dropped_mass_sum"] / audited
+    assert 0 < true <= cert + 1e-6 and true <= 0.05
+    assert "true_dropped=" in metrics.format_summary(totals)
+
+
+def test_head_block_pages_must_match_the_kv_heads(base_configs):
+    with pytest.raises(PrhsConfigError, match=r"head_block_pages\[3\] has 1 sizes"):
+        prhs_runner(base_configs, torch.float32, {**SPARSE, "head_block_pages": {3: [2]}})
+    with pytest.raises(PrhsConfigError, match="names layer 9, but the model has 8"):
+        sizes = [1] * NUM_KV_HEADS
+        prhs_runner(base_configs, torch.float32, {**SPARSE, "head_block_pages": {9: sizes}})
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param({"head_block_pages": {LAYER_INDEX: [1, 4]}}, id="per-head-blocks"),
+        pytest.param({"psaw_start_layer": 0}, id="psaw"),
+        pytest.param({"rerank": 1.5, "estimator": "quest"}, id="rerank"),
+        pytest.param({"centroid_dtype": "int8"}, id="int8-centroids"),
+        pytest.param({"centroid_dtype": "int4", "estimator": "centroid"}, id="int4-centroids"),
+        pytest.param({**REUSE, "etf_start_layer": 0}, id="reuse-etf"),
+    ],
+)
+def test_selectors_in_the_backend_equal_oracle_on_kept_pages(base_configs, gen, extra):
+    """Each selector switched on in YAML runs through the backend, which still
+    attends exactly over what it selected."""
+    dtype = torch.float32
+    prhs = prhs_runner(base_configs, dtype, {**SPARSE, **extra})
+    for batch in Workload(SPECS[0], dtype, gen).batches():
+        out = prhs.step(batch)
+    params = prhs.impl._params
+    assert params is not None
+    if "head_block_pages" in extra:
+        assert params.block_pages == (1, 4)
+    if "psaw_start_layer" in extra:
+        assert params.window_start > 0
+    if "centroid_dtype" in extra:
+        assert not params.exact_centroid
+        assert prhs.impl._summaries.key_min.dtype == torch.bfloat16
+    if "reuse_tau" in extra:
+        check_kept_pages_attended(prhs, batch, out, dtype)
+        return
+    for row in sparse_rows(batch, SPARSE["min_context"]):
+        summaries = prhs.impl._summaries
+        key_cache, _ = prhs.impl.split_kv_cache(prhs.kv_cache)
+        sel = select_pages(
+            batch.query[row.start : row.start + 1], summaries.key_sum, summaries.key_min,
+            summaries.key_max, batch.common.block_table_tensor[batch.rows.index(row)][None],
+            torch.tensor([row.seq_len], dtype=torch.int32), params, key_cache=key_cache,
+        )  # fmt: skip
+        expected = reference(batch, row, sel.keep[0])
+        torch.testing.assert_close(rows_of(out, row).float(), expected, **tol(dtype).close())
+
+
+# --------------------------------------------------------------------------- time reuse
+
+
+def decode_steps(names, steps):
+    return [[(n, 1) for n in names]] * steps
+
+
+def reused_total():
+    return metrics.process_stats().totals()["prhs_reused_selections"]
+
+
+def check_kept_pages_attended(runner, batch, out, dtype):
+    layer_index, keep = runner.metadata[-1].last_keep
+    assert layer_index == LAYER_INDEX
+    for i, row in enumerate(sparse_rows(batch, SPARSE["min_context"])):
+        expected = reference(batch, row, keep[i])
+        torch.testing.assert_close(rows_of(out, row).float(), expected, **tol(dtype).close())
+
+
+def test_reuse_engages_and_attends_over_what_it_kept(base_configs, gen):
+    dtype = torch.float32
+    prhs = prhs_runner(base_configs, dtype, REUSE)
+    spec = Spec("steady", [[("a", 700), ("b", 1000)]] + decode_steps("ab", 10))
+    counts = []
+    for batch in Workload(spec, dtype, gen, steady=True).batches():
+        out = prhs.step(batch)
+        counts.append(reused_total())
+        if batch.rows[0].num_new == 1:
+            check_kept_pages_attended(prhs, batch, out, dtype)
+    per_step = [b - a for a, b in zip(counts, counts[1:], strict=False)]
+    heads = 2 * NUM_KV_HEADS
+    assert per_step[0] == 0, "the first decode step has nothing to reuse"
+    # max_age 4: of every 5 steps, 4 reuse.
+    assert sum(per_step) >= 0.7 * heads * len(per_step) - heads
+
+
+def permuted(batch: Batch, order: list[int]) -> Batch:
+    """The same step with its rows in another order (query, K/V, metadata)."""
+    rows, tokens, start = [], [], 0
+    for i in order:
+        r = batch.rows[i]
+        tokens.append(torch.arange(r.start, r.start + r.num_new))
+        rows.append(Row(r.request, start, r.num_new, r.seq_len))
+        start += r.num_new
+    idx = torch.cat(tokens)
+    c = batch.common
+    qsl = torch.tensor([0] + [r.start + r.num_new for r in rows], dtype=torch.int32)
+    common = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(),
+        seq_lens=c.seq_lens[order], num_reqs=c.num_reqs, num_actual_tokens=c.num_actual_tokens,
+        max_query_len=c.max_query_len, max_seq_len=c.max_seq_len,
+        block_table_tensor=c.block_table_tensor[order], slot_mapping=c.slot_mapping[idx],
+    )  # fmt: skip
+    return Batch(batch.query[idx], batch.key[idx], batch.value[idx], common, rows,
+                 batch.keys, batch.values, batch.pages)  # fmt: skip
+
+
+def test_reuse_state_survives_batch_reordering(base_configs, gen):
+    """Rows find their state by page, not batch index: a run whose rows are
+    reordered every step reuses and outputs exactly as the ordered run."""
+    dtype = torch.float32
+    ordered = prhs_runner(base_configs, dtype, REUSE)
+    shuffled = prhs_runner(base_configs, dtype, REUSE)
+    spec = Spec("steady", [[("a", 700), ("b", 1000), ("c", 600)]] + decode_steps("abc", 8))
+    total = 0.0
+    reused_steps = 0
+    for step, batch in enumerate(Workload(spec, dtype, gen, steady=True).batches()):
+        out_a = ordered.step(batch)  # both runners count into one process total
+        inc_a, total = reused_total() - total, reused_total()
+        order = [(step + k) % 3 for k in (0, 2, 1)] if step % 2 else [2, 0, 1]
+        moved = permuted(batch, order)
+        out_b = shuffled.step(moved)
+        inc_b, total = reused_total() - total, reused_total()
+        assert inc_a == inc_b, f"step {step}: {inc_a} reused in order, {inc_b} reordered"
+        reused_steps += inc_a > 0
+        for row in batch.rows:
+            other = next(r for r in moved.rows if r.request == row.request)
+            assert torch.equal(rows_of(out_a, row), rows_of(out_b, other)), (step, row.request)
+    assert reused_steps >= 4
+
+
+def test_reuse_never_crosses_requests_or_survives_recompute(base_configs, gen):
+    """A finished request's pages go to a new request with the very same query
+    direction: its first decode step must score afresh. A preempted request
+    recomputed into new pages starts afresh too."""
+    dtype = torch.float32
+    prhs = prhs_runner(base_configs, dtype, REUSE)
+    wl = Workload(Spec("manual", []), dtype, gen, steady=True)
+    prhs.step(wl._batch([("a", 700)]))
+    for _ in range(3):
+        prhs.step(wl._batch([("a", 1)]))
+    assert reused_total() > 0
+    # "a" finishes; "b" takes its pages (same order) with the same query
+    # direction and length, so only the page's new occupant tells them apart.
+    freed = wl.pages.pop("a")
+    wl.free[:0] = freed
+    wl.bases["b"] = wl.bases["a"]
+    prhs.step(wl._batch([("b", len(wl.keys["a"]))]))
+    before = reused_total()
+    prhs.step(wl._batch([("b", 1)]))
+    assert reused_total() == before, "b reused a's selection"
+    prhs.step(wl._batch([("b", 1)]))
+    # "b" is preempted and recomputed into the same pages.
+    wl.free[:0] = wl.pages.pop("b")
+    length = len(wl.keys.pop("b"))
+    wl.values.pop("b")
+    prhs.step(wl._batch([("b", length)]))
+    before = reused_total()
+    prhs.step(wl._batch([("b", 1)]))
+    assert reused_total() == before, "b reused state from before its recompute"
+    prhs.step(wl._batch([("b", 1)]))
+    assert reused_total() > before, "reuse resumes on the next step"
+
+
+def test_reuse_with_prefix_shared_pages(base_configs, gen):
+    """Two requests share their first pages (prefix caching): each keeps its own
+    state, keyed by the page it writes, and both reuse independently."""
+    dtype = torch.float32
+    prhs = prhs_runner(base_configs, dtype, REUSE)
+    wl = Workload(Spec("manual", []), dtype, gen, steady=True)
+    prhs.step(wl._batch([("a", 700)]))
+    shared = 20  # full pages of a's prompt that b maps too
+    wl.pages["b"] = list(wl.pages["a"][:shared])
+    wl.keys["b"] = wl.keys["a"][: shared * BLOCK_SIZE].clone()
+    wl.values["b"] = wl.values["a"][: shared * BLOCK_SIZE].clone()
+    prhs.step(wl._batch([("b", 90)]))
+    increments, total = [], reused_total()
+    for _ in range(4):
+        batch = wl._batch([("a", 1), ("b", 1)])
+        out = prhs.step(batch)
+        increments.append(reused_total() - total)
+        total = reused_total()
+        check_kept_pages_attended(prhs, batch, out, dtype)
+    assert increments[0] == 0, "nothing to reuse on the first decode step"
+    assert increments[1:] == [2 * NUM_KV_HEADS] * 3, increments

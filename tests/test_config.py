@@ -29,6 +29,22 @@ FIELDS = [
     "min_context",
     "dense_layers",
     "estimator",
+    "delta_control",
+    "rerank",
+    "centroid_dtype",
+    "head_block_pages",
+    "psaw_start_layer",
+    "psaw_phi",
+    "psaw_alpha",
+    "etf_start_layer",
+    "etf_psi",
+    "etf_gamma",
+    "reuse_tau",
+    "reuse_max_age",
+    "reuse_top_m",
+    "reuse_radius",
+    "reuse_slots",
+    "audit",
     "metrics",
     "log_interval_s",
     "cuda_graphs",
@@ -53,7 +69,10 @@ def test_defaults():
     assert cfg.block_pages == 1
     assert cfg.min_context == 2048
     assert cfg.dense_layers == (0, 1)
-    assert cfg.estimator == "centroid"
+    assert cfg.estimator == "hybrid"
+    assert cfg.delta_control == "estimate" and cfg.rerank == 0 and not cfg.audit
+    assert cfg.reuse_tau is None and cfg.psaw_start_layer is None and cfg.etf_start_layer is None
+    assert cfg.centroid_dtype == "float32" and cfg.head_block_pages == {}
     assert cfg.metrics is True
     assert cfg.log_interval_s == 30.0
     assert list(PrhsConfig.model_fields) == FIELDS
@@ -78,7 +97,7 @@ def test_describe_one_line():
     assert "\n" not in text
     assert "budget=0.25" in text
     assert "dense_layers=[none]" in text
-    assert "estimator=centroid" in text
+    assert "estimator=hybrid" in text
 
 
 def test_module_does_not_import_torch_or_vllm():
@@ -181,7 +200,16 @@ def test_unknown_key_rejected(tmp_path):
         ("min_context: -1\n", "min_context", "greater than or equal to 0 (got -1)"),
         ("log_interval_s: -1\n", "log_interval_s", "greater than or equal to 0"),
         ("dense_layers: [0, -1]\n", "dense_layers[1]", "greater than or equal to 0 (got -1)"),
-        ("estimator: exact\n", "estimator", "'centroid' or 'quest' (got 'exact')"),
+        (
+            "estimator: exact\n",
+            "estimator",
+            "'centroid', 'quest', 'bound' or 'hybrid' (got 'exact')",
+        ),
+        ("delta_control: maybe\n", "delta_control", "(got 'maybe')"),
+        ("centroid_dtype: int2\n", "centroid_dtype", "(got 'int2')"),
+        ("reuse_tau: 1.5\n", "reuse_tau", "less than or equal to 1"),
+        ("rerank: -1\n", "rerank", "greater than or equal to 0"),
+        ("head_block_pages: {3: [1, 3]}\n", "head_block_pages[3][1]", "1, 2, 4 or 8"),
         ("metrics: maybe\n", "metrics", "valid boolean"),
         ("sink_tokens: 1.5\n", "sink_tokens", "valid integer"),
         ("budget: .nan\n", "budget", "finite number"),

@@ -21,6 +21,7 @@ from prhs_vllm.ops.ref import (
     sparse_paged_decode,
     update_page_summaries,
 )
+from prhs_vllm.ops.ref.selection import rank_logits
 
 NULL_PAGE = 0
 GARBAGE = 1.0e4  # fills the null page and unwritten slots: leaks show up loudly
@@ -434,14 +435,20 @@ def selection_inputs(gen, group=3, head_dim=32, num_kv_heads=2, lens=SELECT_LENS
     return query, key_cache, table, seq_lens, summaries
 
 
-def estimated_masses(query, summaries, table, seq_lens, params):
-    """Recomputed [N, Hkv, M] estimated page masses (group mean), fp64."""
+def estimated_masses(query, summaries, table, seq_lens, params, ranking=True):
+    """Recomputed [N, Hkv, M] page masses (group mean), fp64: those that rank
+    pages (the estimator's), or those the delta rule sums (the centroid's)."""
     num_slots = table.shape[1]
-    est, bound = page_logits(
+    logits = page_logits(
         query, *summaries, table, seq_lens, params.block_size, params.scale, num_slots
     )
-    ranking = bound if params.estimator == "quest" else est
-    return torch.softmax(ranking.double(), dim=-1).mean(dim=2)
+    if ranking and params.estimator == "hybrid":
+        return torch.maximum(
+            torch.softmax(logits.est.double(), dim=-1).mean(dim=2),
+            torch.softmax(rank_logits(logits, "bound").double(), dim=-1).mean(dim=2),
+        )
+    chosen = rank_logits(logits, params.estimator) if ranking else logits.est
+    return torch.softmax(chosen.double(), dim=-1).mean(dim=2)
 
 
 def mandatory_mask(seq_lens, num_slots, params):
@@ -463,7 +470,7 @@ SINK_LOCAL = [
 ]
 
 
-@pytest.mark.parametrize("estimator", ["centroid", "quest"])
+@pytest.mark.parametrize("estimator", ["centroid", "quest", "bound", "hybrid"])
 @pytest.mark.parametrize("block_pages", [1, 2, 4], ids=lambda b: f"bp{b}")
 @pytest.mark.parametrize("sink_local", SINK_LOCAL)
 @pytest.mark.parametrize("delta", [0.0, 0.05, 0.3], ids=lambda d: f"delta{d:g}")
@@ -492,13 +499,16 @@ def test_select_pages_properties(gen, budget, delta, sink_local, block_pages, es
     must = mandatory_mask(seq_lens, num_slots, params)[:, None, :].expand_as(keep)
     optional = valid & ~must
     mass = estimated_masses(query, summaries, table, seq_lens, params)
+    stop_mass = estimated_masses(query, summaries, table, seq_lens, params, ranking=False)
     t = tol(torch.float32)
 
     # Mandatory pages kept; nothing beyond the context.
     assert keep[must].all(), "a sink / local page was dropped"
     assert not keep[~valid].any(), "a page past the context was kept"
-    # The recomputed estimate agrees with the op's.
-    torch.testing.assert_close(sel.est_kept_mass.double(), (mass * keep).sum(-1), atol=1e-5, rtol=0)
+    # The recomputed estimate (centroid masses, whatever ranks) agrees with the op's.
+    torch.testing.assert_close(
+        sel.est_kept_mass.double(), (stop_mass * keep).sum(-1), atol=1e-5, rtol=0
+    )
 
     # Kept count under the cap (sinks and the local window may exceed it).
     cap = torch.tensor([math.ceil(Fraction(budget) * p) for p in num_pages])[:, None]
@@ -549,7 +559,7 @@ def test_select_pages_properties(gen, budget, delta, sink_local, block_pages, es
         assert not bad.any(), f"stopped below the cap with delta 0 at {bad.nonzero().tolist()}"
 
 
-@pytest.mark.parametrize("estimator", ["centroid", "quest"])
+@pytest.mark.parametrize("estimator", ["centroid", "quest", "bound", "hybrid"])
 @pytest.mark.parametrize("block_pages", [1, 2, 4], ids=lambda b: f"bp{b}")
 def test_select_pages_full_budget_keeps_everything(gen, block_pages, estimator):
     query, _, table, seq_lens, summaries = selection_inputs(gen)
@@ -595,7 +605,7 @@ def test_select_pages_delta_stops_early_on_concentrated_attention(gen):
 
 
 def true_dropped_mass(weights, keep, seq_lens, block_size, group):
-    """[N, Hkv] fp64: max over the group of the dense attention mass on dropped pages."""
+    """[N, Hkv] fp64: mean over the group of the dense attention mass on dropped pages."""
     num_rows, num_kv_heads = keep.shape[:2]
     result = torch.zeros(num_rows, num_kv_heads, dtype=torch.float64)
     for n in range(num_rows):
@@ -603,7 +613,7 @@ def true_dropped_mass(weights, keep, seq_lens, block_size, group):
         for h in range(num_kv_heads):
             dropped = ~keep[n, h, page_of_token]
             w = weights[n][h * group : (h + 1) * group]
-            result[n, h] = (w * dropped).sum(-1).max()
+            result[n, h] = (w * dropped).sum(-1).mean()
     return result
 
 

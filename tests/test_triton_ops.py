@@ -211,18 +211,20 @@ def check_page_logits(
     scale = head_dim**-0.5
     args = (query, *summaries, table, seq_lens, block_size, scale, num_slots)
     if launch:
-        est, bound = _page_logits(*args, **launch)
+        est, bound, lower = _page_logits(*args, **launch)
     else:
-        est, bound = page_logits(*args)
-    want_est, want_bound = ref_page_logits(*args)
+        est, bound, lower = page_logits(*args)
+    want_est, want_bound, want_lower = ref_page_logits(*args)
     assert est.shape == want_est.shape == (len(lens), num_kv_heads, group, num_slots)
-    assert est.dtype == bound.dtype == torch.float32
+    assert est.dtype == bound.dtype == lower.dtype == torch.float32
     t = tol(torch.float32)
     # inf entries (empty slots) must match exactly; assert_close checks that.
     torch.testing.assert_close(est, want_est, atol=t.lse_atol, rtol=1e-5)
     torch.testing.assert_close(bound, want_bound, atol=t.lse_atol, rtol=1e-5)
+    torch.testing.assert_close(lower, want_lower, atol=t.lse_atol, rtol=1e-5)
     assert torch.all(bound >= est - t.lse_atol), "the Quest bound is below the centroid estimate"
-    for got_logits, ref_logits in ((est, want_est), (bound, want_bound)):
+    assert torch.all(lower <= est + t.lse_atol), "the box minimum is above the centroid estimate"
+    for got_logits, ref_logits in ((est, want_est), (bound, want_bound), (lower, want_lower)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # nan of empty rows (interpreter)
             mass = group_page_mass(got_logits)
@@ -430,9 +432,31 @@ def test_page_logits_no_slots(gen):
     from prhs_vllm.ops.triton import group_page_mass, page_logits
 
     query, summaries, table, seq_lens, _ = scoring_inputs(gen, 2, 32, 16, [5], torch.float32, "cpu")
-    est, bound = page_logits(query, *summaries, table, seq_lens, 16, 0.1, 0)
-    assert est.shape == bound.shape == (1, 2, 2, 0)
+    est, bound, lower = page_logits(query, *summaries, table, seq_lens, 16, 0.1, 0)
+    assert est.shape == bound.shape == lower.shape == (1, 2, 2, 0)
     assert group_page_mass(est).shape == (1, 2, 0)
+
+
+def check_page_logits_skip(gen, lens, group, head_dim, num_kv_heads, dtype, device, atol):
+    """Skipped (row, head) pairs get -inf; every other pair equals the reference."""
+    from prhs_vllm.ops.triton import page_logits
+
+    query, summaries, table, seq_lens, num_slots = scoring_inputs(
+        gen, group, head_dim, 16, lens, dtype, device, num_kv_heads
+    )
+    skip = (torch.rand(len(lens), num_kv_heads, generator=gen) < 0.5).to(device)
+    skip[0, 0], skip[-1, -1] = True, False
+    args = (query, *summaries, table, seq_lens, 16, head_dim**-0.5, num_slots)
+    got = page_logits(*args, skip=skip)
+    want = ref_page_logits(*args)
+    for g, w in zip(got, want, strict=True):
+        assert torch.isinf(g[skip]).all() and (g[skip] < 0).all()
+        torch.testing.assert_close(g[~skip], w[~skip], atol=atol, rtol=1e-4)
+
+
+@interpreted
+def test_page_logits_skip_reads_nothing_for_skipped_heads(gen):
+    check_page_logits_skip(gen, [40, 300, 129], 2, 32, 3, torch.float32, "cpu", 1e-4)
 
 
 @interpreted

@@ -17,9 +17,11 @@ import torch
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 
 from prhs_vllm import LOGGER_NAME, _compat, metrics, ops
+from prhs_vllm.backend.reuse import ReuseConfig, ReuseState
 from prhs_vllm.backend.step import StepGraphs, sparse_step
-from prhs_vllm.config import PrhsConfig, resolve_config
+from prhs_vllm.config import PrhsConfig, PrhsConfigError, resolve_config
 from prhs_vllm.ops import SelectionParams
+from prhs_vllm.ops.ref.quant import QuantizedCentroids, code_bytes
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -59,10 +61,15 @@ class SparseRows:
 @dataclass
 class PrhsMetadata:
     """Per-step metadata: vLLM's own metadata for the whole batch, plus the
-    sparse decode rows (None when the step runs entirely dense)."""
+    sparse decode rows (None when the step runs entirely dense).
+
+    last_keep: (layer index, [S, Hkv, M] keep) of the latest sparse layer of
+    this step, for ETF (layers run in order within a step).
+    """
 
     base: Any
     sparse: SparseRows | None
+    last_keep: tuple[int, torch.Tensor] | None = None
 
 
 def plan_sparse_rows(
@@ -102,22 +109,40 @@ def plan_sparse_rows(
 class PageSummaries:
     """Key summaries of one layer, keyed by physical page id.
 
-    key_sum, key_min, key_max: [num_pages, num_kv_heads, head_dim] float32.
+    float32: key_sum (a [P, Hkv, D] float32 running sum), key_min, key_max
+    [P, Hkv, D] float32. int8 / int4: key_sum is QuantizedCentroids (codes
+    [P, Hkv, D * bits / 8] uint8) and key_min / key_max are bfloat16.
     """
 
-    def __init__(self, num_pages: int, num_kv_heads: int, head_dim: int, device) -> None:
+    def __init__(self, num_pages, num_kv_heads, head_dim, device, dtype="float32") -> None:
         shape = (num_pages, num_kv_heads, head_dim)
-        self.key_sum = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.key_min = torch.full(shape, float("inf"), dtype=torch.float32, device=device)
-        self.key_max = torch.full(shape, float("-inf"), dtype=torch.float32, device=device)
-
-    @property
-    def num_pages(self) -> int:
-        return self.key_sum.shape[0]
+        box = torch.float32 if dtype == "float32" else torch.bfloat16
+        if dtype == "float32":
+            self.key_sum = torch.zeros(shape, dtype=torch.float32, device=device)
+        else:
+            bits = 8 if dtype == "int8" else 4
+            codes = torch.zeros(
+                (num_pages, num_kv_heads, code_bytes(head_dim, bits)),
+                dtype=torch.uint8,
+                device=device,
+            )
+            self.key_sum = QuantizedCentroids(codes, bits)
+        self.key_min = torch.full(shape, float("inf"), dtype=box, device=device)
+        self.key_max = torch.full(shape, float("-inf"), dtype=box, device=device)
+        self.num_pages = num_pages
 
     @staticmethod
-    def bytes_per_page(num_kv_heads: int, head_dim: int) -> int:
-        return 3 * 4 * num_kv_heads * head_dim
+    def bytes_per_page(num_kv_heads: int, head_dim: int, dtype: str = "float32") -> int:
+        if dtype == "float32":
+            return 3 * 4 * num_kv_heads * head_dim
+        bits = 8 if dtype == "int8" else 4
+        return num_kv_heads * (code_bytes(head_dim, bits) + 2 * 2 * head_dim)
+
+
+def summary_bytes_per_page(vllm_config: Any, num_kv_heads: int, head_dim: int) -> int:
+    """Summary bytes per KV page of one layer under this engine's config."""
+    dtype = config_for(vllm_config).centroid_dtype
+    return PageSummaries.bytes_per_page(num_kv_heads, head_dim, dtype)
 
 
 def _install_memory_accounting() -> None:
@@ -125,7 +150,24 @@ def _install_memory_accounting() -> None:
     # (whose worker module is already loaded), before the KV cache is sized.
     from vllm.platforms import current_platform
 
-    _compat.reserve_summary_memory(PageSummaries.bytes_per_page, current_platform.is_cpu())
+    _compat.reserve_summary_memory(
+        summary_bytes_per_page, current_platform.is_cpu(), reuse_state_bytes
+    )
+
+
+def reuse_state_bytes(vllm_config: Any) -> int:
+    """Memory of every layer's reuse state (0 when reuse is off)."""
+    cfg = config_for(vllm_config)
+    if cfg.reuse_tau is None:
+        return 0
+    model = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    max_pages = -(-model.max_model_len // vllm_config.cache_config.block_size)
+    per_slot = ReuseState.bytes_per_slot(
+        model.get_num_attention_heads(parallel), model.get_num_kv_heads(parallel),
+        model.get_head_size(), max_pages,
+    )  # fmt: skip
+    return _num_layers(vllm_config) * cfg.reuse_slots * per_slot
 
 
 _install_memory_accounting()
@@ -187,13 +229,21 @@ class PrhsImplMixin:
         super().__init__(*args, **kwargs)
         from vllm.config import get_current_vllm_config
 
-        self.prhs_config = config_for(get_current_vllm_config())
+        vllm_config = get_current_vllm_config()
+        self.prhs_config = config_for(vllm_config)
+        self._num_layers = _num_layers(vllm_config)
+        validate_head_block_pages(self.prhs_config, self._num_layers, self.num_kv_heads)
         self.prhs_stats = metrics.process_stats()
         self._dense_reason = dense_reason(self, self.kv_cache_dtype)
         self._sparse_layer: bool | None = None  # known once the layer name is seen
         self._summaries: PageSummaries | None = None
+        self._reuse: tuple[ReuseState, ReuseConfig] | None = None
+        self._max_pages_per_seq = 0
+        model_config = getattr(vllm_config, "model_config", None)
+        self._max_model_len = int(getattr(model_config, "max_model_len", 0) or 0)
         self._step_graphs = StepGraphs()
         self._params: SelectionParams | None = None
+        self._layer_index = -1
 
     def split_kv_cache(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -202,6 +252,7 @@ class PrhsImplMixin:
         if self._sparse_layer is None:
             reason = self._dense_reason
             index = _compat.extract_layer_index(layer.layer_name)
+            self._layer_index = index
             if reason is None and index in self.prhs_config.dense_layers:
                 reason = "listed in dense_layers"
             if reason is not None:
@@ -214,8 +265,21 @@ class PrhsImplMixin:
         if self._summaries is None or self._summaries.num_pages != num_pages:
             # The KV cache is allocated twice (profiling, then for real).
             self._summaries = PageSummaries(
-                num_pages, num_kv_heads, self.head_size, kv_cache.device
-            )
+                num_pages, num_kv_heads, self.head_size, kv_cache.device,
+                self.prhs_config.centroid_dtype,
+            )  # fmt: skip
+            cfg = self.prhs_config
+            if cfg.reuse_tau is not None:
+                block_size = kv_cache.shape[2]
+                max_pages = -(-(self._max_model_len or num_pages * block_size) // block_size)
+                state = ReuseState(
+                    cfg.reuse_slots, self.num_heads, num_kv_heads, self.head_size, max_pages,
+                    kv_cache.device,
+                )  # fmt: skip
+                knobs = ReuseConfig(
+                    cfg.reuse_tau, cfg.reuse_max_age, cfg.reuse_top_m, cfg.reuse_radius
+                )
+                self._reuse = (state, knobs)
         return self._summaries
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
@@ -231,6 +295,8 @@ class PrhsImplMixin:
             summaries.key_min,
             summaries.key_max,
         )
+        if self._reuse is not None:
+            self._reuse[0].invalidate_written(slot_mapping, kv_cache.shape[2])
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         if not isinstance(attn_metadata, PrhsMetadata):  # profiling run (None)
@@ -248,42 +314,118 @@ class PrhsImplMixin:
             super().forward(
                 layer, query, key, value, kv_cache, attn_metadata.base, output, *args, **kwargs
             )
-        self._forward_sparse(query, kv_cache, sparse, output)
+        self._forward_sparse(query, kv_cache, attn_metadata, output)
         return output
 
     def _selection_params(self, block_size: int) -> SelectionParams:
         # Fixed per layer: built once, not on every step.
         if self._params is None or self._params.block_size != block_size:
-            cfg = self.prhs_config
-            self._params = SelectionParams(
-                block_size=block_size,
-                scale=self.scale,
-                budget=cfg.budget,
-                delta=cfg.delta,
-                sink_tokens=cfg.sink_tokens,
-                local_tokens=cfg.local_tokens,
-                block_pages=cfg.block_pages,
-                estimator=cfg.estimator,
-            )
+            self._params = layer_selection_params(
+                self.prhs_config, self._layer_index, self._num_layers, self.num_kv_heads,
+                block_size, self.scale,
+            )  # fmt: skip
         return self._params
 
     def _forward_sparse(
-        self, query: torch.Tensor, kv_cache: torch.Tensor, rows: SparseRows, output: torch.Tensor
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: PrhsMetadata,
+        output: torch.Tensor,
     ) -> None:
         cfg = self.prhs_config
+        rows = meta.sparse
         key_cache, value_cache = self.split_kv_cache(kv_cache)
         summaries = self._page_summaries(kv_cache)
         q = query.view(query.shape[0], self.num_heads, self.head_size)[rows.token_idx]
         params = self._selection_params(key_cache.shape[2])
+        prev_keep = None
+        if params.frozen_fraction > 0 and meta.last_keep is not None:
+            if meta.last_keep[0] == self._layer_index - 1:
+                prev_keep = meta.last_keep[1]
         args = (q, summaries, key_cache, value_cache, rows.block_table, rows.seq_lens, params)
-        if q.is_cuda and cfg.cuda_graphs:
-            result = self._step_graphs.run(*args, rows.max_pages, cfg.metrics)
+        if q.is_cuda and cfg.cuda_graphs and not cfg.audit:
+            result = self._step_graphs.run(
+                *args, rows.max_pages, cfg.metrics, prev_keep, reuse=self._reuse
+            )
         else:
-            result = sparse_step(*args, rows.max_pages, cfg.metrics)
+            result = sparse_step(
+                *args, rows.max_pages, cfg.metrics, prev_keep=prev_keep, audit=cfg.audit,
+                reuse=self._reuse,
+            )  # fmt: skip
+        meta.last_keep = (self._layer_index, result.keep)
         output.view(output.shape[0], self.num_heads, self.head_size)[rows.token_idx] = (
             result.out.to(output.dtype)
         )
         if cfg.metrics:
             self.prhs_stats.record_layer(
-                result.keep_counts, result.num_pages, result.est_kept_mass, result.certified_dropped
+                result.keep_counts,
+                result.num_pages,
+                result.est_kept_mass,
+                result.certified_dropped,
+                result.true_dropped,
+                params.delta,
+                result.reused,
             )
+
+
+def _num_layers(vllm_config: Any) -> int:
+    """Decoder layers of the model being served (PSAW / ETF depth); 0 if unknown."""
+    model_config = getattr(vllm_config, "model_config", None)
+    hf = getattr(model_config, "hf_text_config", None)
+    return int(getattr(hf, "num_hidden_layers", 0) or 0)
+
+
+def validate_head_block_pages(cfg: PrhsConfig, num_layers: int, num_kv_heads: int) -> None:
+    """``head_block_pages`` must fit the model: known layers, one size per KV head.
+
+    Raises:
+        PrhsConfigError: naming the layer and the counts.
+    """
+    for layer, sizes in sorted(cfg.head_block_pages.items()):
+        if num_layers and layer >= num_layers:
+            raise PrhsConfigError(
+                f"head_block_pages names layer {layer}, but the model has {num_layers} layers"
+            )
+        if len(sizes) != num_kv_heads:
+            raise PrhsConfigError(
+                f"head_block_pages[{layer}] has {len(sizes)} sizes, but the model has "
+                f"{num_kv_heads} KV heads per layer on this worker (one size per KV head)"
+            )
+
+
+def layer_selection_params(
+    cfg: PrhsConfig,
+    layer: int,
+    num_layers: int,
+    num_kv_heads: int,
+    block_size: int,
+    scale: float,
+) -> SelectionParams:
+    """The SelectionParams of one layer: its block sizes and depth fractions.
+
+    Raises:
+        PrhsConfigError: see ``validate_head_block_pages``.
+    """
+    validate_head_block_pages(cfg, num_layers, num_kv_heads)
+    sizes = cfg.head_block_pages.get(layer)
+    block_pages = cfg.block_pages if sizes is None else tuple(sizes)
+    return SelectionParams(
+        block_size=block_size,
+        scale=scale,
+        budget=cfg.budget,
+        delta=cfg.delta,
+        sink_tokens=cfg.sink_tokens,
+        local_tokens=cfg.local_tokens,
+        block_pages=block_pages,
+        estimator=cfg.estimator,
+        delta_control=cfg.delta_control,
+        rerank=cfg.rerank,
+        exact_centroid=cfg.centroid_dtype == "float32",
+        window_start=cfg.layer_fraction(
+            cfg.psaw_start_layer, cfg.psaw_phi, cfg.psaw_alpha, layer, num_layers
+        ),
+        frozen_fraction=cfg.layer_fraction(
+            cfg.etf_start_layer, cfg.etf_psi, cfg.etf_gamma, layer, num_layers
+        ),
+    )

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from prhs_vllm import ops
+from prhs_vllm.backend.reuse import ReuseConfig, ReuseState
 from prhs_vllm.ops import SelectionParams, dropped_mass_upper_bound
+from prhs_vllm.ops.ref import exact_page_logits
+from prhs_vllm.ops.ref.selection import group_page_mass, mandatory_pages
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 SLOT_QUANTUM = 512  # page slots per context bucket (8K tokens at 16-token pages)
@@ -23,14 +26,36 @@ SLOT_QUANTUM = 512  # page slots per context bucket (8K tokens at 16-token pages
 
 @dataclass
 class StepResult:
-    """out: [N, Hq, D]; keep_counts: [N, Hkv] pages kept; num_pages: [N];
-    est_kept_mass, certified_dropped: [N, Hkv] float32 (None without metrics)."""
+    """out: [N, Hq, D]; keep: [N, Hkv, M] bool; keep_counts: [N, Hkv] pages kept;
+    num_pages: [N]; est_kept_mass, certified_dropped, true_dropped: [N, Hkv]
+    float32 (certified None without metrics, true None outside audit mode)."""
 
     out: torch.Tensor
+    keep: torch.Tensor
     keep_counts: torch.Tensor
     num_pages: torch.Tensor
     est_kept_mass: torch.Tensor
     certified_dropped: torch.Tensor | None
+    true_dropped: torch.Tensor | None = None
+    reused: torch.Tensor | None = None
+
+    def rows(self, n: int) -> StepResult:
+        """The first n rows (graph buckets are padded)."""
+
+        def cut(x):
+            return None if x is None else x[:n]
+
+        return StepResult(*(cut(getattr(self, f)) for f in self.__dataclass_fields__))
+
+
+def true_dropped_mass(query, key_cache, block_table, seq_lens, keep, scale) -> torch.Tensor:
+    """Audit: [N, Hkv] float32 true dropped mass (group mean) of ``keep`` [N, Hkv, M],
+    from exact page log-masses over every page slot (dense work)."""
+    num_rows, num_kv_heads, num_slots = keep.shape
+    slots = torch.arange(num_slots, device=keep.device).expand(num_rows, num_kv_heads, -1)
+    logits = exact_page_logits(query, key_cache, block_table, seq_lens, scale, slots)
+    weights = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
+    return (weights * ~keep[:, :, None, :]).sum(-1).mean(-1)
 
 
 def sparse_step(
@@ -44,6 +69,9 @@ def sparse_step(
     num_slots: int,
     with_metrics: bool,
     workspace: torch.Tensor | None = None,
+    prev_keep: torch.Tensor | None = None,
+    audit: bool = False,
+    reuse: tuple[ReuseState, ReuseConfig] | None = None,
 ) -> StepResult:
     """Select pages and attend over them for N decode rows of one layer.
 
@@ -52,7 +80,15 @@ def sparse_step(
         summaries: PageSummaries of the layer.
         block_table: [N, >=num_slots] int32; seq_lens: [N] int32.
         num_slots: page slots scored (>= the longest row's page count).
+        prev_keep: [N, Hkv, num_slots] bool, the previous sparse layer's keep (ETF).
+        audit: also compute the true dropped mass (dense work).
+        reuse: the layer's reuse state and knobs (time axis), or None.
     """
+    if reuse is not None:
+        state, reuse_cfg = reuse
+        block_size = key_cache.shape[2]
+        slot, valid = state.lookup(block_table, seq_lens, block_size)
+        reused = state.decide(query, slot, valid, reuse_cfg)
     selection = ops.select(
         query,
         summaries.key_sum,
@@ -62,26 +98,72 @@ def sparse_step(
         seq_lens,
         params,
         num_slots,
+        key_cache=key_cache,
+        prev_keep=prev_keep,
+        skip=reused if reuse is not None else None,
     )
+    keep, est_kept = selection.keep, selection.est_kept_mass
+    if reuse is not None:
+        keep, est_kept = _apply_reuse(
+            state, reuse_cfg, query, block_table, seq_lens, params, selection, slot, reused
+        )
     out, lse = ops.sparse_decode(
         query,
         key_cache,
         value_cache,
         block_table,
         seq_lens,
-        selection.keep,
+        keep,
         params.scale,
         workspace=workspace,
     )
     certified = None
     if with_metrics:
-        num_rows, num_kv_heads = selection.keep.shape[:2]
+        num_rows, num_kv_heads = keep.shape[:2]
         certified = dropped_mass_upper_bound(
-            selection.bound_logits, selection.keep, lse.view(num_rows, num_kv_heads, -1)
+            selection.bound_logits, keep, lse.view(num_rows, num_kv_heads, -1)
         )
+    true = None
+    if audit:
+        true = true_dropped_mass(query, key_cache, block_table, seq_lens, keep, params.scale)
     return StepResult(
-        out, selection.keep.sum(-1), selection.num_pages, selection.est_kept_mass, certified
+        out,
+        keep,
+        keep.sum(-1),
+        selection.num_pages,
+        est_kept,
+        certified,
+        true,
+        reused if reuse is not None else None,
     )
+
+
+def _apply_reuse(state, cfg, query, block_table, seq_lens, params, selection, slot, reused):
+    """Swap in the stored selections where reused; store this step's state.
+
+    Returns (keep [N, Hkv, M], estimated kept mass [N, Hkv])."""
+    fresh = selection.keep
+    num_slots = fresh.shape[-1]
+    must = mandatory_pages(selection.num_pages, num_slots, params)
+    live = torch.arange(num_slots, device=fresh.device)[None, :] < selection.num_pages[:, None]
+    stored = (state.stored_keep(slot, num_slots) | must[:, None, :]) & live[:, None, :]
+    keep = torch.where(reused[..., None], stored, fresh)
+    score = group_page_mass(selection.bound_logits)
+    cap = torch.ceil(params.budget * selection.num_pages.to(torch.float64)).to(torch.long)
+    state.store(
+        query, block_table, seq_lens, params.block_size, slot, reused, fresh, score, cap, cfg
+    )
+    est = torch.where(reused, (score * keep).sum(-1), selection.est_kept_mass)
+    return keep, est
+
+
+def _fit(keep: torch.Tensor | None, slots: int) -> torch.Tensor | None:
+    """[N, H, M'] -> [N, H, slots]: cut, or pad with False."""
+    if keep is None or keep.shape[-1] == slots:
+        return keep
+    if keep.shape[-1] > slots:
+        return keep[..., :slots]
+    return torch.nn.functional.pad(keep, (0, slots - keep.shape[-1]))
 
 
 def _bucket(value: int, buckets: tuple[int, ...]) -> int | None:
@@ -91,9 +173,14 @@ def _bucket(value: int, buckets: tuple[int, ...]) -> int | None:
 class _Graph:
     """Static inputs, the captured graph and its static outputs for one bucket."""
 
-    def __init__(self, rows: int, slots: int, query: torch.Tensor, table_dtype) -> None:
+    def __init__(
+        self, rows: int, slots: int, query: torch.Tensor, table_dtype, kv_heads: int, etf: bool
+    ) -> None:
         device = query.device
         self.query = torch.zeros((rows, *query.shape[1:]), dtype=query.dtype, device=device)
+        self.prev_keep = (
+            torch.zeros((rows, kv_heads, slots), dtype=torch.bool, device=device) if etf else None
+        )
         self.seq_lens = torch.ones(rows, dtype=torch.int32, device=device)
         self.block_table = torch.zeros((rows, slots), dtype=table_dtype, device=device)
         self.graph = torch.cuda.CUDAGraph()
@@ -127,50 +214,62 @@ class StepGraphs:
         params: SelectionParams,
         max_pages: int,
         with_metrics: bool,
+        prev_keep: torch.Tensor | None = None,
+        reuse: tuple[ReuseState, ReuseConfig] | None = None,
     ) -> StepResult:
         """Same arguments and result as ``sparse_step`` (num_slots = max_pages)."""
         num_rows = query.shape[0]
         rows = _bucket(num_rows, ROW_BUCKETS)
         slots = min(-(-max_pages // SLOT_QUANTUM) * SLOT_QUANTUM, block_table.shape[1])
-        if rows is None or torch.cuda.is_current_stream_capturing():
+        no_prev = params.frozen_fraction > 0 and prev_keep is None
+        if rows is None or no_prev or torch.cuda.is_current_stream_capturing():
             return sparse_step(
                 query, summaries, key_cache, value_cache, block_table, seq_lens,
-                params, max_pages, with_metrics,
+                params, max_pages, with_metrics, prev_keep=_fit(prev_keep, max_pages),
+                reuse=reuse,
             )  # fmt: skip
-        owner = (summaries.key_sum.data_ptr(), key_cache.data_ptr(), params, with_metrics)
+        owner = (
+            summaries.key_min.data_ptr(), key_cache.data_ptr(), params, with_metrics,
+            None if reuse is None else (reuse[0].page.data_ptr(), reuse[1]),
+        )  # fmt: skip
         if owner != self._owner:
             self._graphs.clear()
             self._owner = owner
         entry = self._graphs.get((rows, slots))
         fresh = entry is None
         if fresh:
-            entry = _Graph(rows, slots, query, block_table.dtype)
+            entry = _Graph(
+                rows, slots, query, block_table.dtype, key_cache.shape[1],
+                params.frozen_fraction > 0,
+            )  # fmt: skip
         entry.query[:num_rows].copy_(query)
         entry.seq_lens[:num_rows].copy_(seq_lens)
         entry.block_table[:num_rows].copy_(block_table[:, :slots])
+        if entry.prev_keep is not None:
+            entry.prev_keep.zero_()
+            if prev_keep is not None:
+                entry.prev_keep[:num_rows].copy_(_fit(prev_keep, slots))
         if num_rows < rows:  # padded rows: one token of page 0, whatever ran before
             entry.seq_lens[num_rows:].fill_(1)
             entry.block_table[num_rows:].zero_()
         if fresh:
-            self._capture(entry, summaries, key_cache, value_cache, params, slots, with_metrics)
+            self._capture(
+                entry, summaries, key_cache, value_cache, params, slots, with_metrics, reuse
+            )
             self._graphs[(rows, slots)] = entry
         entry.graph.replay()
-        result = entry.result
-        return StepResult(
-            result.out[:num_rows],
-            result.keep_counts[:num_rows],
-            result.num_pages[:num_rows],
-            result.est_kept_mass[:num_rows],
-            None if result.certified_dropped is None else result.certified_dropped[:num_rows],
-        )
+        return entry.result.rows(num_rows)
 
-    def _capture(self, entry, summaries, key_cache, value_cache, params, slots, with_metrics):
+    def _capture(
+        self, entry, summaries, key_cache, value_cache, params, slots, with_metrics, reuse
+    ):
         workspace = self._workspace(entry.query, key_cache, slots)
 
         def step() -> StepResult:
             return sparse_step(
                 entry.query, summaries, key_cache, value_cache, entry.block_table,
                 entry.seq_lens, params, slots, with_metrics, workspace,
+                prev_keep=entry.prev_keep, reuse=reuse,
             )  # fmt: skip
 
         side = torch.cuda.Stream()

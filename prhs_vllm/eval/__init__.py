@@ -1,4 +1,6 @@
-"""Evaluation helpers (prompt builders and scorers); they import no vLLM or torch."""
+"""Evaluation: prompt builders and scorers (importing this package loads no vLLM
+or torch), and the offline audit submodules capture, replay and audit (they
+use torch; import them explicitly)."""
 
 from prhs_vllm.eval.passkey import (
     PASSKEY_DEPTHS,

@@ -21,7 +21,8 @@ from prhs_vllm.ops.ref import (
     sparse_paged_decode,
     update_page_summaries,
 )
-from prhs_vllm.ops.ref.selection import select_from_logits
+from prhs_vllm.ops.ref.quant import QuantizedCentroids, update_quantized_summaries
+from prhs_vllm.ops.ref.selection import exact_page_logits, select_from_logits
 from prhs_vllm.ops.ref.sparse_decode_indexed import compact_keep, sparse_paged_decode_indexed
 
 __all__ = [
@@ -69,8 +70,11 @@ def kernel_report() -> str:
 
 
 def update_summaries(key, slot_mapping, block_size, key_sum, key_min, key_max) -> None:
-    """``ref.update_page_summaries`` (same arguments), on the fastest backend."""
-    if key.is_cuda and _triton_ready():
+    """``ref.update_page_summaries`` (same arguments), on the fastest backend;
+    ``key_sum`` may be QuantizedCentroids (torch reference on every device)."""
+    if isinstance(key_sum, QuantizedCentroids):
+        update_quantized_summaries(key, slot_mapping, block_size, key_sum, key_min, key_max)
+    elif key.is_cuda and _triton_ready():
         from prhs_vllm.ops.triton import update_page_summaries as triton_update
 
         triton_update(key, slot_mapping, block_size, key_sum, key_min, key_max)
@@ -79,13 +83,28 @@ def update_summaries(key, slot_mapping, block_size, key_sum, key_min, key_max) -
 
 
 def select(
-    query, key_sum, key_min, key_max, block_table, seq_lens, params: SelectionParams, num_slots
+    query,
+    key_sum,
+    key_min,
+    key_max,
+    block_table,
+    seq_lens,
+    params: SelectionParams,
+    num_slots,
+    key_cache=None,
+    prev_keep=None,
+    skip=None,
 ) -> Selection:
-    """``ref.select_pages`` (same arguments), scoring on the fastest backend."""
-    if query.is_cuda and _triton_ready():
+    """``ref.select_pages`` (same arguments), scoring on the fastest backend
+    (quantized centroids: the torch reference).
+
+    ``skip`` [N, Hkv] bool marks (row, head) pairs whose selection is reused:
+    the Triton scorer reads nothing for them (their logits are -inf); the
+    reference scores them anyway. Either way their result is not used."""
+    if query.is_cuda and _triton_ready() and not isinstance(key_sum, QuantizedCentroids):
         from prhs_vllm.ops.triton import page_logits
 
-        est, bound = page_logits(
+        logits = page_logits(
             query,
             key_sum,
             key_min,
@@ -95,9 +114,21 @@ def select(
             params.block_size,
             params.scale,
             num_slots,
+            skip=skip,
         )
-        return select_from_logits(est, bound, seq_lens, params)
-    return select_pages(query, key_sum, key_min, key_max, block_table, seq_lens, params, num_slots)
+        rescore = None
+        if params.rerank > 0:
+
+            def rescore(slots):
+                return exact_page_logits(
+                    query, key_cache, block_table, seq_lens, params.scale, slots
+                )
+
+        return select_from_logits(logits, seq_lens, params, rescore=rescore, prev_keep=prev_keep)
+    return select_pages(
+        query, key_sum, key_min, key_max, block_table, seq_lens, params, num_slots,
+        key_cache=key_cache, prev_keep=prev_keep,
+    )  # fmt: skip
 
 
 def sparse_decode(

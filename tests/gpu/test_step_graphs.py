@@ -53,3 +53,36 @@ def test_graph_replay_equals_eager(with_metrics):
         if with_metrics:
             torch.testing.assert_close(got.certified_dropped, want.certified_dropped)
     assert len(graphs._graphs) >= 2, "row/context buckets should have been captured"
+
+
+def test_graph_replay_with_reuse_state_equals_eager():
+    """Reuse state read and written inside the graph: a graphed and an eager run
+    over the same steps (same queries drifting slowly) take the same decisions."""
+    from prhs_vllm.backend.reuse import ReuseConfig, ReuseState
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    key, value, summaries = _layer(4096, gen)
+    params = SelectionParams(
+        block_size=BS, scale=D**-0.5, budget=0.125, delta=0.05, sink_tokens=64, local_tokens=256
+    )
+    cfg = ReuseConfig(tau=0.9, max_age=4, top_m=1 / 3, radius=1)
+    states = [ReuseState(64, HQ, HKV, D, 700, "cuda") for _ in range(2)]
+    graphs = StepGraphs()
+    num_rows, width = 5, 700
+    table = torch.randperm(4095, device="cuda", generator=gen)[: num_rows * width] + 1
+    table = table.view(num_rows, width).to(torch.int32)
+    seq_lens = torch.randint(4000, 9000, (num_rows,), device="cuda", generator=gen)
+    base = torch.randn(num_rows, HQ, D, device="cuda", generator=gen)
+    reused = 0
+    for step in range(10):
+        lens = (seq_lens + step).to(torch.int32)
+        query = (base + 0.05 * torch.randn(base.shape, device="cuda", generator=gen)).bfloat16()
+        max_pages = math.ceil(int(lens.max()) / BS)
+        args = (query, summaries, key, value, table, lens, params, max_pages, True)
+        got = graphs.run(*args, reuse=(states[0], cfg))
+        want = sparse_step(*args, reuse=(states[1], cfg))
+        assert torch.equal(got.reused, want.reused), f"step {step}"
+        assert torch.equal(got.keep_counts, want.keep_counts), f"step {step}"
+        torch.testing.assert_close(got.out.float(), want.out.float(), atol=2e-2, rtol=2e-2)
+        reused += int(want.reused.sum())
+    assert reused > 0

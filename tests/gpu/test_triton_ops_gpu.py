@@ -16,6 +16,7 @@ from test_triton_ops import (
     assert_same_summaries,
     check_group_page_mass,
     check_page_logits,
+    check_page_logits_skip,
     check_summaries_one_call,
     check_summaries_recycled_pages,
     group_page_mass_ref,
@@ -130,7 +131,9 @@ def test_cuda_graph_replay(gen):
 
     def step():
         update_page_summaries(key, slots, block_size, *summaries)
-        est, bound = page_logits(query, *summaries, table, seq_lens, block_size, scale, num_slots)
+        est, bound, _ = page_logits(
+            query, *summaries, table, seq_lens, block_size, scale, num_slots
+        )
         return est, bound, group_page_mass(est)
 
     step()  # compiles the kernels outside the capture
@@ -148,9 +151,13 @@ def test_cuda_graph_replay(gen):
         ref_update_page_summaries(key, slots, block_size, *want)
         torch.cuda.synchronize()
         assert_same_summaries(summaries, want, where="after replay")
-        want_est, want_bound = ref_page_logits(
+        want_est, want_bound, _ = ref_page_logits(
             query, *want, table, seq_lens, block_size, scale, num_slots
         )
         torch.testing.assert_close(est, want_est, atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(bound, want_bound, atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(mass, group_page_mass_ref(est), atol=1e-6, rtol=1e-5)
+
+
+def test_page_logits_skip_on_gpu(gen):
+    check_page_logits_skip(gen, [40, 3000, 129, 700], 4, 128, 8, torch.bfloat16, DEVICE, 1e-3)

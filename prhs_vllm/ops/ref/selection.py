@@ -1,20 +1,53 @@
-"""Pre-hoc page selection: estimate each page's attention mass from its summary,
-keep sinks and the recent window, then the most massive blocks until the
-estimated kept mass reaches 1 - delta or the budget cap binds.
+"""Pre-hoc page selection: bound each page's attention mass from its summary,
+keep sinks and the recent window, then the best blocks until the kept mass
+reaches 1 - delta (estimated, or certified) or the budget cap binds.
 
-Selection is shared by the query heads of a GQA group (one set per KV head):
-the group's estimated masses are averaged.
+Selection is shared by the query heads of a GQA group (one set per KV head).
+Dropped mass is the group mean of the query heads' dropped attention weight.
+
+Per page, three log-masses bracket the true log(sum over tokens of exp(s q.k)):
+- lower (Jensen): log n + s q.centroid -- the "centroid" estimate;
+- upper (mean-constrained box): with lo/hi the min/max of s q.k over the
+  page's min/max box and m = s q.centroid, the n token logits lie in [lo, hi]
+  with mean m, so their exp-sum is at most n (p e^hi + (1-p) e^lo),
+  p = (m - lo) / (hi - lo) (exp is convex: the extremes maximize it). It is
+  never above Quest's n e^hi and never below the truth.
+An optional exact rerank scores a shortlist of pages from the keys
+themselves, so their three log-masses coincide.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+from prhs_vllm.ops.ref.quant import QuantizedCentroids, decode_centroids
+
+ESTIMATORS = ("centroid", "quest", "bound", "hybrid")
+DELTA_CONTROLS = ("estimate", "certified")
 
 
 @dataclass(frozen=True)
 class SelectionParams:
-    """Host-side knobs of one selection call (see prhs_vllm.config.PrhsConfig)."""
+    """Host-side knobs of one layer's selection (see prhs_vllm.config.PrhsConfig).
+
+    block_pages: pages per logical block, uniform (int) or per KV head (tuple).
+    estimator: what ranks pages: "centroid" (lower), "quest" (Quest's box
+        bound), "bound" (the mean-constrained upper bound) or "hybrid" (per
+        page the larger of the centroid's and the bound's normalized mass).
+    delta_control: "estimate" stops when the estimated kept mass reaches
+        1 - delta; "certified" when the certified dropped-mass bound is <= delta.
+    rerank: shortlist ceil(rerank * cap) pages by the estimator and score them
+        exactly from the keys (0 = off; needs a ``rescore`` function).
+    window_start: PSAW; optional pages wholly before window_start * context are
+        not candidates (sinks excepted).
+    frozen_fraction: ETF; optional pages wholly before frozen_fraction *
+        context keep the previous layer's decision instead of being scored.
+    exact_centroid: False for quantized centroids: certified bounds then use
+        the box alone (Quest), which does not depend on the centroid.
+    """
 
     block_size: int
     scale: float
@@ -22,8 +55,32 @@ class SelectionParams:
     delta: float
     sink_tokens: int
     local_tokens: int
-    block_pages: int = 1
-    estimator: str = "centroid"
+    block_pages: int | tuple[int, ...] = 1
+    estimator: str = "hybrid"
+    delta_control: str = "estimate"
+    rerank: float = 0.0
+    window_start: float = 0.0
+    frozen_fraction: float = 0.0
+    exact_centroid: bool = True
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator {self.estimator!r} not in {ESTIMATORS}")
+        if self.delta_control not in DELTA_CONTROLS:
+            raise ValueError(f"delta_control {self.delta_control!r} not in {DELTA_CONTROLS}")
+
+
+class PageLogits(NamedTuple):
+    """Page log-masses, each [N, Hkv, G, M] float32, -inf on empty page slots.
+
+    est: log n + s q.centroid (Jensen: never above the truth).
+    upper: log n + s max over the min/max box of q.k (Quest's bound).
+    lower: log n + s min over the box of q.k.
+    """
+
+    est: torch.Tensor
+    upper: torch.Tensor
+    lower: torch.Tensor
 
 
 @dataclass
@@ -33,8 +90,8 @@ class Selection:
     keep: [N, Hkv, M] bool, page slot j of block_table[r] is read for KV head h.
     est_kept_mass: [N, Hkv] float32, estimated attention mass kept (group mean).
     num_pages: [N] int64, pages that hold context for each row.
-    bound_logits: [N, Hkv, G, M] float32 Quest log-mass bounds, for the
-        certified dropped-mass bound once the kept mass is known exactly.
+    bound_logits: [N, Hkv, G, M] float32 certified upper log-masses per page
+        (exact on reranked pages), for ``dropped_mass_upper_bound``.
     """
 
     keep: torch.Tensor
@@ -73,23 +130,21 @@ def page_logits(
     block_size: int,
     scale: float,
     num_slots: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per page and query head: centroid estimate and Quest upper bound of log-mass.
+) -> PageLogits:
+    """Per page and query head: centroid estimate and box bounds of the log-mass.
 
     log-mass(page) = log(sum over the page's tokens of exp(scale * q.k)).
-    The estimate uses n * exp(scale * q.centroid); the bound uses
-    n * exp(scale * max over the min/max box of q.k), which is never below the
-    true value.
 
     Args:
         query: [N, Hq, D]; Hq a multiple of Hkv.
-        key_sum, key_min, key_max: [P, Hkv, D] float32 page summaries.
+        key_sum, key_min, key_max: [P, Hkv, D] float32 page summaries; or
+            key_sum a QuantizedCentroids and key_min / key_max bfloat16 boxes.
         block_table: [N, >=M] int page ids; seq_lens: [N] int.
     Returns:
-        (est, bound), each [N, Hkv, G, M] float32; -inf on empty page slots.
+        PageLogits (est, upper, lower), each [N, Hkv, G, M] float32.
     """
     num_rows, num_q_heads, head_dim = query.shape
-    num_kv_heads = key_sum.shape[1]
+    num_kv_heads = key_min.shape[1]
     group = num_q_heads // num_kv_heads
     q = query.to(torch.float32).view(num_rows, num_kv_heads, group, head_dim)
     counts = page_token_counts(seq_lens, num_slots, block_size)
@@ -98,19 +153,82 @@ def page_logits(
         counts.to(torch.float32).log(),
         torch.full_like(counts, -math.inf, dtype=torch.float32),
     )[:, None, None, :]
-    centroid = _gather_page_summaries(key_sum, block_table, num_slots) / counts.clamp(min=1)[
-        :, None, :, None
-    ].to(torch.float32)
-    kmin = _gather_page_summaries(key_min, block_table, num_slots)
-    kmax = _gather_page_summaries(key_max, block_table, num_slots)
+    kmin = _gather_page_summaries(key_min, block_table, num_slots).to(torch.float32)
+    kmax = _gather_page_summaries(key_max, block_table, num_slots).to(torch.float32)
+    if isinstance(key_sum, QuantizedCentroids):
+        codes = _gather_page_summaries(key_sum.codes, block_table, num_slots)
+        centroid = decode_centroids(codes, kmin, kmax, key_sum.bits)
+    else:
+        centroid = _gather_page_summaries(key_sum, block_table, num_slots) / counts.clamp(min=1)[
+            :, None, :, None
+        ].to(torch.float32)
     est = scale * torch.einsum("nhgd,nhmd->nhgm", q, centroid) + log_n
     qe = q[:, :, :, None, :]
-    box = torch.maximum(qe * kmin[:, :, None], qe * kmax[:, :, None]).sum(-1)
-    bound = scale * box + log_n
-    empty = counts == 0
-    est = est.masked_fill(empty[:, None, None, :], -math.inf)
-    bound = bound.masked_fill(empty[:, None, None, :], -math.inf)
-    return est, bound
+    at_min, at_max = qe * kmin[:, :, None], qe * kmax[:, :, None]
+    upper = scale * torch.maximum(at_min, at_max).sum(-1) + log_n
+    lower = scale * torch.minimum(at_min, at_max).sum(-1) + log_n
+    empty = (counts == 0)[:, None, None, :]
+    return PageLogits(
+        est.masked_fill(empty, -math.inf),
+        upper.masked_fill(empty, -math.inf),
+        lower.masked_fill(empty, -math.inf),
+    )
+
+
+def mean_constrained_bound(logits: PageLogits) -> torch.Tensor:
+    """Certified upper log-mass per page from the box and the centroid.
+
+    log n + log(p e^hi + (1 - p) e^lo) with p = (m - lo) / (hi - lo), all in
+    the log domain (log n cancels in p). Where hi - lo is tiny the page's keys
+    are (nearly) equal and the Quest bound itself is used.
+
+    Args:
+        logits: PageLogits, each [..., M].
+    Returns:
+        [..., M] float32, between est and upper; -inf on empty slots.
+    """
+    est, upper, lower = logits
+    width = upper - lower
+    live = torch.isfinite(upper) & (width > 1e-4)
+    safe_width = torch.where(live, width, torch.ones_like(width))
+    # Rounding can put the centroid a hair outside the box: clamp p into [0, 1].
+    p = ((est - lower) / safe_width).clamp(0.0, 1.0)
+    # log(p e^hi + (1-p) e^lo) = hi + log(p + (1-p) e^-(hi-lo))
+    tight = upper + torch.log(p + (1.0 - p) * torch.exp(-safe_width))
+    return torch.where(live, torch.minimum(tight, upper), upper)
+
+
+def exact_page_logits(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    """Exact log-mass of chosen page slots, computed from the cached keys.
+
+    Args:
+        query: [N, Hq, D]; key_cache: [P, Hkv, bs, D] (any strides).
+        block_table: [N, >=M] int; seq_lens: [N] int.
+        slots: [N, Hkv, S] long page slots per (row, KV head); -1 for none.
+    Returns:
+        [N, Hkv, G, S] float32 log(sum over the page's tokens of exp(scale q.k));
+        -inf for slots past the context or -1.
+    """
+    num_rows, num_q_heads, head_dim = query.shape
+    num_kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    safe = slots.clamp(min=0)
+    pages = block_table.to(torch.long).gather(1, safe.flatten(1)).view_as(safe)
+    heads = torch.arange(num_kv_heads, device=query.device)[None, :, None].expand_as(pages)
+    keys = key_cache[pages, heads].to(torch.float32)  # [N, Hkv, S, bs, D]
+    q = query.to(torch.float32).view(num_rows, num_kv_heads, group, head_dim)
+    logits = scale * torch.einsum("nhgd,nhstd->nhgst", q, keys)
+    pos = safe[..., None] * block_size + torch.arange(block_size, device=query.device)
+    live = (pos < seq_lens.to(torch.long)[:, None, None, None]) & (slots >= 0)[..., None]
+    logits = logits.masked_fill(~live[:, :, None], -math.inf)
+    return torch.logsumexp(logits, dim=-1)
 
 
 def mandatory_pages(num_pages: torch.Tensor, num_slots: int, p: SelectionParams) -> torch.Tensor:
@@ -128,6 +246,17 @@ def mandatory_pages(num_pages: torch.Tensor, num_slots: int, p: SelectionParams)
     return valid & ((j < sink_pages) | (j >= num_pages[:, None] - local_pages))
 
 
+def pages_before(seq_lens: torch.Tensor, fraction: float, num_slots: int, block_size: int):
+    """[N, M] bool: page slots wholly before floor(fraction * L) tokens."""
+    limit = torch.floor(seq_lens.to(torch.float64) * fraction).to(torch.long)
+    ends = (torch.arange(num_slots, device=seq_lens.device) + 1) * block_size
+    return ends[None, :] <= limit[:, None]
+
+
+Rescore = Callable[[torch.Tensor], torch.Tensor]
+"""slots [N, Hkv, S] long -> exact log-masses [N, Hkv, G, S] (``exact_page_logits``)."""
+
+
 def select_pages(
     query: torch.Tensor,
     key_sum: torch.Tensor,
@@ -137,6 +266,8 @@ def select_pages(
     seq_lens: torch.Tensor,
     params: SelectionParams,
     num_slots: int | None = None,
+    key_cache: torch.Tensor | None = None,
+    prev_keep: torch.Tensor | None = None,
 ) -> Selection:
     """Choose the pages each (row, KV head) reads in a sparse decode step.
 
@@ -147,6 +278,8 @@ def select_pages(
         params: selection knobs.
         num_slots: M, at least the largest page count of the rows (a host
             int, so no device sync); None derives it from seq_lens.
+        key_cache: [P, Hkv, bs, D], needed when params.rerank > 0.
+        prev_keep: [N, Hkv, M] bool, the previous layer's selection (ETF).
     Returns:
         Selection with keep [N, Hkv, M].
     """
@@ -154,10 +287,18 @@ def select_pages(
     num_pages = -(-seq_lens.to(torch.long) // bs)
     if num_slots is None:
         num_slots = int(num_pages.max().item()) if num_pages.numel() else 0
-    est, bound = page_logits(
+    logits = page_logits(
         query, key_sum, key_min, key_max, block_table, seq_lens, bs, params.scale, num_slots
     )
-    return select_from_logits(est, bound, seq_lens, params)
+    rescore = None
+    if params.rerank > 0:
+        if key_cache is None:
+            raise ValueError("params.rerank > 0 needs the key cache")
+
+        def rescore(slots: torch.Tensor) -> torch.Tensor:
+            return exact_page_logits(query, key_cache, block_table, seq_lens, params.scale, slots)
+
+    return select_from_logits(logits, seq_lens, params, rescore=rescore, prev_keep=prev_keep)
 
 
 def group_page_mass(logits: torch.Tensor) -> torch.Tensor:
@@ -171,65 +312,201 @@ def group_page_mass(logits: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(torch.softmax(logits, dim=-1).mean(dim=2), nan=0.0)
 
 
+def rank_mass(logits: PageLogits, estimator: str) -> torch.Tensor:
+    """[N, Hkv, M] group-mean page masses that rank pages for ``estimator``.
+
+    "hybrid" takes, per page, the larger of the centroid's and the bound's
+    normalized masses: a page either estimator ranks high stays in the race
+    (the bound catches isolated spikes, the centroid broad mass).
+    """
+    if estimator == "hybrid":
+        return torch.maximum(
+            group_page_mass(logits.est), group_page_mass(mean_constrained_bound(logits))
+        )
+    return group_page_mass(rank_logits(logits, estimator))
+
+
+def rank_logits(logits: PageLogits, estimator: str) -> torch.Tensor:
+    """The [N, Hkv, G, M] log-masses that rank pages for ``estimator``."""
+    if estimator == "centroid":
+        return logits.est
+    if estimator == "quest":
+        return logits.upper
+    return mean_constrained_bound(logits)
+
+
+def _with_exact(logits: PageLogits, slots: torch.Tensor, exact: torch.Tensor) -> PageLogits:
+    """Replace the three log-masses of ``slots`` [N, Hkv, S] (-1: none) by
+    ``exact`` [N, Hkv, G, S]."""
+    num_slots = logits.est.shape[-1]
+    # -1 goes to a spare column that is cut off again, so it never collides.
+    index = torch.where(slots >= 0, slots, num_slots)[:, :, None, :].expand_as(exact)
+
+    def put(x: torch.Tensor) -> torch.Tensor:
+        wide = torch.nn.functional.pad(x, (0, 1))
+        return wide.scatter(-1, index, exact)[..., :num_slots]
+
+    return PageLogits(put(logits.est), put(logits.upper), put(logits.lower))
+
+
 def select_from_logits(
-    est: torch.Tensor, bound: torch.Tensor, seq_lens: torch.Tensor, params: SelectionParams
+    logits: PageLogits,
+    seq_lens: torch.Tensor,
+    params: SelectionParams,
+    rescore: Rescore | None = None,
+    prev_keep: torch.Tensor | None = None,
 ) -> Selection:
     """The selection rule of ``select_pages``, given the page log-masses.
 
     Args:
-        est, bound: [N, Hkv, G, M] from ``page_logits`` (or a kernel with its
-            signature); seq_lens: [N] int.
+        logits: PageLogits from ``page_logits`` (or a kernel with its signature).
+        seq_lens: [N] int.
+        rescore: exact log-masses of page slots (``params.rerank > 0``).
+        prev_keep: [N, Hkv, M] bool, the previous layer's keep (ETF).
     Returns:
         Selection with keep [N, Hkv, M]. Device ops only (no host sync).
     """
-    num_slots = est.shape[-1]
+    num_slots = logits.est.shape[-1]
+    device = logits.est.device
     num_pages = -(-seq_lens.to(torch.long) // params.block_size)
-    mass = group_page_mass(bound if params.estimator == "quest" else est)
-    num_rows, num_kv_heads, _ = mass.shape
+    num_rows, num_kv_heads = logits.est.shape[:2]
+    shape = (num_rows, num_kv_heads, num_slots)
 
-    must = mandatory_pages(num_pages, num_slots, params)[:, None, :].expand_as(mass)
-    valid = (torch.arange(num_slots, device=mass.device)[None, :] < num_pages[:, None])[
+    must = mandatory_pages(num_pages, num_slots, params)[:, None, :].expand(shape)
+    valid = (torch.arange(num_slots, device=device)[None, :] < num_pages[:, None])[
         :, None, :
-    ].expand_as(mass)
-    optional = valid & ~must
+    ].expand(shape)
+    candidate = valid & ~must
+    if params.window_start > 0:  # PSAW
+        early = pages_before(seq_lens, params.window_start, num_slots, params.block_size)
+        candidate = candidate & ~early[:, None, :]
+    fixed = must
+    if prev_keep is not None and params.frozen_fraction > 0:  # ETF
+        frozen = pages_before(seq_lens, params.frozen_fraction, num_slots, params.block_size)
+        frozen = candidate & frozen[:, None, :]
+        fixed = must | (frozen & prev_keep[..., :num_slots])
+        candidate = candidate & ~frozen
+    cap = torch.ceil(params.budget * num_pages.to(torch.float64)).to(torch.long)[:, None]
 
-    # Pool optional pages into logical blocks of block_pages pages.
-    bp = params.block_pages
+    if params.rerank > 0 and rescore is not None:
+        # Mandatory pages are scored exactly too: they are read anyway, and their
+        # upper bounds would otherwise swamp the kept-mass estimate.
+        most_must = -(-params.sink_tokens // params.block_size) + max(
+            1, -(-params.local_tokens // params.block_size)
+        )
+        shortlist = min(num_slots, math.ceil(params.rerank * params.budget * num_slots) + most_must)
+        score = rank_mass(logits, params.estimator)
+        score = torch.where(candidate, score, torch.full_like(score, -1.0))
+        score = torch.where(must, torch.full_like(score, 2.0), score)
+        top = torch.topk(score, shortlist, dim=-1)
+        slots = torch.where(top.values >= 0, top.indices, torch.full_like(top.indices, -1))
+        logits = _with_exact(logits, slots, rescore(slots))
+        listed = torch.zeros(shape, dtype=torch.bool, device=device).scatter(
+            -1, slots.clamp(min=0), top.values >= 0
+        )
+        candidate = candidate & listed
+
+    upper = mean_constrained_bound(logits) if params.exact_centroid else logits.upper
+    mass = rank_mass(logits, params.estimator)
+    # The kept-mass estimate behind the delta rule uses the centroid log-masses
+    # (exact where reranked), whatever ranks the pages: normalized upper bounds
+    # (loose by e^10 and more per page on real keys) pile the estimate onto a
+    # few pages and stop the fill early -- SmolLM2 then lost pass keys that the
+    # fill to the cap keeps.
+    stop_mass = group_page_mass(logits.est)
+    keep = fixed
+    for bp, heads in _block_sizes(params.block_pages, num_kv_heads, device):
+        taken = _take_blocks(
+            mass, stop_mass, candidate, fixed, cap, bp, params, lower=logits.est, upper=upper
+        )
+        keep = keep | (taken if heads is None else taken & heads[None, :, None])
+    return Selection(
+        keep=keep,
+        est_kept_mass=(stop_mass * keep).sum(-1),
+        num_pages=num_pages,
+        bound_logits=upper,
+    )
+
+
+def _block_sizes(block_pages, num_kv_heads: int, device):
+    """[(pages per block, [Hkv] bool mask of its heads, or None for all heads)].
+
+    Every size runs over all heads and is masked after: index tensors built
+    from host lists would need a host-to-device copy, which CUDA graphs forbid.
+    """
+    if isinstance(block_pages, int):
+        return [(block_pages, None)]
+    if len(block_pages) != num_kv_heads:
+        raise ValueError(f"{len(block_pages)} block sizes for {num_kv_heads} KV heads")
+    if len(set(block_pages)) == 1:
+        return [(block_pages[0], None)]
+    groups = []
+    for bp in sorted(set(block_pages)):
+        mask = torch.zeros(num_kv_heads, dtype=torch.bool, device=device)
+        for h, b in enumerate(block_pages):
+            if b == bp:
+                mask[h] = True
+        groups.append((bp, mask))
+    return groups
+
+
+def _blocks(x: torch.Tensor, bp: int) -> torch.Tensor:
+    """[..., M] -> [..., ceil(M / bp)] sums over aligned blocks of bp slots."""
+    num_slots = x.shape[-1]
     num_blocks = -(-num_slots // bp)
     pad = num_blocks * bp - num_slots
-    block_mass = (
-        torch.nn.functional.pad(mass * optional, (0, pad))
-        .view(num_rows, num_kv_heads, num_blocks, bp)
-        .sum(-1)
-    )
-    block_count = (
-        torch.nn.functional.pad(optional.to(torch.long), (0, pad))
-        .view(num_rows, num_kv_heads, num_blocks, bp)
-        .sum(-1)
-    )
+    return torch.nn.functional.pad(x, (0, pad)).view(*x.shape[:-1], num_blocks, bp).sum(-1)
+
+
+def _take_blocks(mass, stop_mass, candidate, fixed, cap, bp, params, lower, upper):
+    """Best candidate blocks of ``bp`` pages per (row, head), in order, while they
+    fit under ``cap`` and the delta rule still asks for more mass.
+
+    mass (ranks blocks), stop_mass (estimates kept mass), candidate, fixed:
+    [N, H, M]; cap: [N, 1]; lower, upper: [N, H, G, M].
+    Returns [N, H, M] bool (candidate pages of the taken blocks).
+    """
+    num_slots = mass.shape[-1]
+    block_mass = _blocks(mass * candidate, bp)
+    block_count = _blocks(candidate.to(torch.long), bp)
     eligible = block_count > 0
     order_key = torch.where(eligible, block_mass, torch.full_like(block_mass, -1.0))
     order = torch.sort(order_key, dim=-1, descending=True, stable=True).indices
-    sorted_mass = block_mass.gather(-1, order)
+    sorted_mass = _blocks(stop_mass * candidate, bp).gather(-1, order)
     sorted_count = block_count.gather(-1, order)
-    sorted_eligible = eligible.gather(-1, order)
-
-    must_mass = (mass * must).sum(-1, keepdim=True)
-    must_count = must.sum(-1, keepdim=True)
-    cap = torch.ceil(params.budget * num_pages.to(torch.float64)).to(torch.long)[:, None, None]
-    mass_before = must_mass + torch.cumsum(sorted_mass, -1) - sorted_mass
-    pages_through = must_count + torch.cumsum(sorted_count, -1)
-    take = sorted_eligible & (pages_through <= cap)
-    if params.delta > 0:
+    take = eligible.gather(-1, order)
+    pages_through = fixed.sum(-1, keepdim=True) + torch.cumsum(sorted_count, -1)
+    take &= pages_through <= cap[:, None]
+    if params.delta > 0 and params.delta_control == "estimate":
+        fixed_mass = (stop_mass * fixed).sum(-1, keepdim=True)
+        mass_before = fixed_mass + torch.cumsum(sorted_mass, -1) - sorted_mass
         take &= mass_before < 1.0 - params.delta
+    elif params.delta > 0:
+        take &= _certified_bound_before(candidate, fixed, lower, upper, bp, order) > params.delta
     keep_block = torch.zeros_like(take).scatter(-1, order, take)
     # expand + reshape, not repeat_interleave: the latter syncs with the host on CUDA.
     keep_pages = keep_block[..., None].expand(*keep_block.shape, bp).flatten(-2)
-    keep_opt = keep_pages[..., :num_slots] & optional
-    keep = must | keep_opt
-    return Selection(
-        keep=keep, est_kept_mass=(mass * keep).sum(-1), num_pages=num_pages, bound_logits=bound
-    )
+    return keep_pages[..., :num_slots] & candidate
+
+
+def _certified_bound_before(candidate, fixed, lower, upper, bp, order) -> torch.Tensor:
+    """[N, H, B]: the certified dropped-mass bound (group mean) before taking
+    each block in ``order``: D_ub / (K_lb + D_ub) with K_lb the Jensen lower
+    masses of what is kept and D_ub the upper masses of everything else."""
+    ref = upper.amax(-1, keepdim=True).clamp(min=-1e30)
+    lo = torch.exp(lower - ref)  # [N, H, G, M], 0 on empty slots
+    up = torch.exp(upper - ref)
+    fixed_g = fixed[:, :, None, :]
+    cand_g = candidate[:, :, None, :]
+    kept_lb = (lo * fixed_g).sum(-1, keepdim=True)
+    dropped_ub = (up * ~fixed_g).sum(-1, keepdim=True)
+    order_g = order[:, :, None, :].expand(*lo.shape[:3], order.shape[-1])
+    block_lo = _blocks(lo * cand_g, bp).gather(-1, order_g)
+    block_up = _blocks(up * cand_g, bp).gather(-1, order_g)
+    k = kept_lb + torch.cumsum(block_lo, -1) - block_lo
+    d = (dropped_ub - torch.cumsum(block_up, -1) + block_up).clamp(min=0)
+    frac = torch.where(d > 0, d / (k + d), torch.zeros_like(d))
+    return torch.nan_to_num(frac, nan=1.0).mean(2)
 
 
 def dropped_mass_upper_bound(
@@ -239,16 +516,17 @@ def dropped_mass_upper_bound(
 
     With K = exact sum of exp(logits) over kept tokens (from the sparse
     attention's log-sum-exp) and D <= D_ub = sum over dropped pages of their
-    Quest bound, the true dropped mass D / (K + D) <= D_ub / (K + D_ub).
+    upper bound, the true dropped mass D / (K + D) <= D_ub / (K + D_ub).
 
     Args:
-        bound_logits: [N, Hkv, G, M] Quest log-mass bounds (``page_logits``).
+        bound_logits: [N, Hkv, G, M] upper log-masses (``Selection.bound_logits``).
         keep: [N, Hkv, M] bool.
         kept_lse: [N, Hkv, G] float32 log-sum-exp of scaled logits over kept tokens.
     Returns:
-        [N, Hkv] float32, the maximum over the group's query heads.
+        [N, Hkv] float32, the mean over the group's query heads (dropped mass
+        is the group mean of the heads' dropped attention weight).
     """
     dropped = bound_logits.masked_fill(keep[:, :, None, :], -math.inf)
     log_d = torch.logsumexp(dropped, dim=-1)
     frac = torch.sigmoid(log_d - kept_lse)  # D_ub / (K + D_ub)
-    return frac.amax(dim=-1)
+    return frac.mean(dim=-1)

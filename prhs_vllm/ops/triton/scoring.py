@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from prhs_vllm.ops.ref.selection import PageLogits
+
 
 @triton.jit
 def _page_logits_kernel(
@@ -19,7 +21,9 @@ def _page_logits_kernel(
     table_ptr,
     len_ptr,
     est_ptr,
-    bound_ptr,
+    upper_ptr,
+    lower_ptr,
+    skip_ptr,
     stride_qn,
     stride_qh,
     stride_qd,
@@ -31,6 +35,8 @@ def _page_logits_kernel(
     stride_on,
     stride_oh,
     stride_og,
+    stride_kn,
+    stride_kh,
     num_slots,
     head_dim,
     block_size,
@@ -38,10 +44,13 @@ def _page_logits_kernel(
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
 ):
     """Grid (N, cdiv(M, BLOCK_M), Hkv): BLOCK_M page slots of row n, KV head h.
 
     Each page summary is read once and scored against all GROUP query heads.
+    With HAS_SKIP, a (row, head) whose skip flag is set reads nothing and
+    gets -inf (its selection is reused from an earlier step).
     """
     n = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -51,6 +60,9 @@ def _page_logits_kernel(
     seq_len = tl.load(len_ptr + n).to(tl.int32)
     count = tl.minimum(tl.maximum(seq_len - j * block_size, 0), block_size)
     live = in_row & (count > 0)
+    if HAS_SKIP:
+        flag = tl.load(skip_ptr + n * stride_kn + h * stride_kh).to(tl.int32)
+        live = live & (tl.zeros([BLOCK_M], tl.int32) + flag == 0)
     # Slots past the context hold no page id worth reading (null or stale pages).
     page = tl.load(table_ptr + n * stride_tn + j * stride_tm, mask=live, other=0).to(tl.int64)
     d_ok = d < head_dim
@@ -71,10 +83,14 @@ def _page_logits_kernel(
             other=0.0,
         ).to(tl.float32)
         est = tl.sum(k_sum * q[None, :], axis=1) * est_scale + log_n
-        box = tl.sum(tl.maximum(q[None, :] * k_min, q[None, :] * k_max), axis=1)
-        bound = scale * box + log_n
-        tl.store(est_ptr + out + g * stride_og, tl.where(live, est, neg_inf), mask=in_row)
-        tl.store(bound_ptr + out + g * stride_og, tl.where(live, bound, neg_inf), mask=in_row)
+        at_min = q[None, :] * k_min
+        at_max = q[None, :] * k_max
+        upper = scale * tl.sum(tl.maximum(at_min, at_max), axis=1) + log_n
+        lower = scale * tl.sum(tl.minimum(at_min, at_max), axis=1) + log_n
+        dst = out + g * stride_og
+        tl.store(est_ptr + dst, tl.where(live, est, neg_inf), mask=in_row)
+        tl.store(upper_ptr + dst, tl.where(live, upper, neg_inf), mask=in_row)
+        tl.store(lower_ptr + dst, tl.where(live, lower, neg_inf), mask=in_row)
 
 
 def _page_logits_config(head_dim: int) -> tuple[int, int]:
@@ -92,19 +108,23 @@ def page_logits(
     block_size: int,
     scale: float,
     num_slots: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per page and query head: centroid estimate and Quest upper bound of log-mass.
+    skip: torch.Tensor | None = None,
+) -> PageLogits:
+    """Per page and query head: centroid estimate and box bounds of the log-mass.
 
-    est = scale * q.(sum / n) + log n, bound = scale * sum_d max(q_d min_d, q_d max_d)
-    + log n, with n = clamp(L - j * block_size, 0, block_size) tokens in slot j.
+    est = scale * q.(sum / n) + log n, upper = scale * sum_d max(q_d min_d, q_d max_d)
+    + log n, lower = the same with min, with n = clamp(L - j * block_size, 0,
+    block_size) tokens in slot j.
 
     Args:
         query: [N, Hq, D] (any float dtype, any strides); Hq a multiple of Hkv.
         key_sum, key_min, key_max: [P, Hkv, D] float32 page summaries, same strides.
         block_table: [N, >=M] int page ids; seq_lens: [N] int.
         block_size: tokens per page; scale: softmax scale; num_slots: M.
+        skip: [N, Hkv] bool, (row, head) pairs not to score (their outputs are -inf).
     Returns:
-        (est, bound), each [N, Hkv, G, M] float32 contiguous; -inf on empty page slots.
+        PageLogits (est, upper, lower), each [N, Hkv, G, M] float32 contiguous;
+        -inf on empty page slots.
     """
     block_m, num_warps = _page_logits_config(query.shape[2])
     return _page_logits(
@@ -117,6 +137,7 @@ def page_logits(
         block_size,
         scale,
         num_slots,
+        skip=skip,
         block_m=block_m,
         num_warps=num_warps,
     )
@@ -132,6 +153,7 @@ def _page_logits(
     block_size,
     scale,
     num_slots,
+    skip=None,
     *,
     block_m: int,
     num_warps: int,
@@ -150,10 +172,13 @@ def _page_logits(
         raise ValueError(f"block_table has {block_table.shape[1]} columns for {num_slots} slots")
     shape = (num_rows, num_kv_heads, group, num_slots)
     est = torch.empty(shape, dtype=torch.float32, device=query.device)
-    bound = torch.empty(shape, dtype=torch.float32, device=query.device)
+    upper = torch.empty(shape, dtype=torch.float32, device=query.device)
+    lower = torch.empty(shape, dtype=torch.float32, device=query.device)
     if est.numel() == 0:
-        return est, bound
+        return PageLogits(est, upper, lower)
     grid = (num_rows, triton.cdiv(num_slots, block_m), num_kv_heads)
+    if skip is not None:
+        skip = skip.to(torch.uint8)  # bool pointers are not loadable everywhere
     _page_logits_kernel[grid](
         query,
         key_sum,
@@ -162,11 +187,14 @@ def _page_logits(
         block_table,
         seq_lens,
         est,
-        bound,
+        upper,
+        lower,
+        est if skip is None else skip,  # any pointer when unused
         *query.stride(),
         *key_sum.stride(),
         *block_table.stride(),
         *est.stride()[:3],
+        *((0, 0) if skip is None else skip.stride()),
         num_slots,
         head_dim,
         block_size,
@@ -174,9 +202,10 @@ def _page_logits(
         GROUP=group,
         BLOCK_M=block_m,
         BLOCK_D=triton.next_power_of_2(head_dim),
+        HAS_SKIP=skip is not None,
         num_warps=num_warps,
     )
-    return est, bound
+    return PageLogits(est, upper, lower)
 
 
 @triton.jit
@@ -271,7 +300,7 @@ def group_page_mass(logits: torch.Tensor) -> torch.Tensor:
     a single long row still spreads over many programs.
 
     Args:
-        logits: [N, Hkv, G, M] float32 page log-masses (``page_logits`` est or bound).
+        logits: [N, Hkv, G, M] float32 page log-masses (``page_logits`` fields).
     Returns:
         [N, Hkv, M] float32 contiguous.
     """
