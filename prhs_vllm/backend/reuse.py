@@ -136,7 +136,6 @@ class ReuseState:
         winner = torch.full((self.slots,), -1, dtype=torch.long, device=keep.device)
         candidates = torch.where(lens > 1, rows, torch.full_like(rows, -1))
         winner.scatter_reduce_(0, new, candidates, "amax")
-        wins = (winner[new] == rows) & (lens > 1)  # graph padding rows have length 1
         old_anchor = self.anchor[slot_old].view(num_rows, num_kv_heads, -1, query.shape[-1])
         old_keep = self.stored_keep(slot_old, num_slots)
         old_age = self.age[slot_old]
@@ -146,34 +145,32 @@ class ReuseState:
         anchor = torch.where(reuse[:, :, None, None], old_anchor, q).flatten(1, 2)
         stored = torch.where(reuse[:, :, None], old_keep, grown)
         age = torch.where(reuse, old_age + 1, torch.zeros_like(old_age))
-        target = torch.where(wins, new, torch.full_like(new, self.slots))  # losers: spare row
-        self._put(target, cur, lens, age, anchor, stored, num_slots)
+        self._put(new, winner[new], cur, lens, age, anchor, stored)
 
-    def _put(self, target, page, length, age, anchor, keep, num_slots) -> None:
-        """Scatter rows into slots; target == S drops the row (written to a spare row)."""
+    def _put(self, slot, winner, page, length, age, anchor, keep) -> None:
+        """Write each slot's winning row. Every row writes its slot, with the
+        winner's values (or, without a winner, what the slot holds): repeated
+        indices then carry identical values, so the writes cannot race, and only
+        N rows are touched (no copy of the whole state).
 
-        def pad(x):
-            return torch.cat([x, x[:1]])
+        slot, winner: [N] long (winner -1: no row may write that slot)."""
+        has = winner >= 0
+        src = winner.clamp(min=0)
 
-        page_t, length_t, age_t, anchor_t = (
-            pad(self.page), pad(self.length), pad(self.age), pad(self.anchor)
-        )  # fmt: skip
-        page_t[target] = page
-        length_t[target] = length
-        age_t[target] = age
-        anchor_t[target] = anchor
-        self.page.copy_(page_t[:-1])
-        self.length.copy_(length_t[:-1])
-        self.age.copy_(age_t[:-1])
-        self.anchor.copy_(anchor_t[:-1])
-        width = self.keep.shape[-1]
-        rows = torch.zeros((keep.shape[0], *self.keep.shape[1:]), dtype=torch.bool,
+        def put(dst: torch.Tensor, rows: torch.Tensor) -> None:
+            mask = has.view(-1, *([1] * (rows.dim() - 1)))
+            dst[slot] = torch.where(mask, rows[src], dst[slot])
+
+        put(self.page, page)
+        put(self.length, length)
+        put(self.age, age)
+        put(self.anchor, anchor)
+        width, num_slots = self.keep.shape[-1], keep.shape[-1]
+        full = torch.zeros((keep.shape[0], *self.keep.shape[1:]), dtype=torch.bool,
                            device=keep.device)  # fmt: skip
         used = min(width, num_slots)
-        rows[..., :used] = keep[..., :used]
-        keep_t = pad(self.keep)
-        keep_t[target] = rows
-        self.keep.copy_(keep_t[:-1])
+        full[..., :used] = keep[..., :used]
+        put(self.keep, full)
 
 
 def dilate(keep, score, top_m, radius) -> torch.Tensor:
