@@ -149,12 +149,13 @@ def keep_masses(keep, true):
     return torch.sort(torch.where(keep, mass, -1.0), dim=-1, descending=True).values
 
 
+@pytest.mark.parametrize("sinks", [0, 16], ids=lambda s: f"sink{s}")
 @pytest.mark.parametrize("delta", [0.0, 0.1])
-def test_full_rerank_selects_like_the_oracle(gen, delta):
+def test_full_rerank_selects_like_the_oracle(gen, delta, sinks):
     """Shortlisting every page makes the estimate exact: the same kept masses as
-    the selection rule fed with true page log-masses."""
+    the selection rule fed with true page log-masses (slot 0 a candidate too)."""
     query, key_cache, _, table, seq_lens, summaries = make_case(gen, sharp=2.0)
-    p = params(rerank=8.0, budget=0.5, delta=delta)
+    p = params(rerank=8.0, budget=0.5, delta=delta, sink_tokens=sinks)
     sel = select_pages(query, *summaries, table, seq_lens, p, key_cache=key_cache)
     true = true_logits(query, key_cache, table, seq_lens, p.scale)
     oracle = select_from_logits(PageLogits(true, true, true), seq_lens, p)

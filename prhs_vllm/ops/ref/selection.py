@@ -401,9 +401,10 @@ def select_from_logits(
         top = torch.topk(score, shortlist, dim=-1)
         slots = torch.where(top.values >= 0, top.indices, torch.full_like(top.indices, -1))
         logits = _with_exact(logits, slots, rescore(slots))
-        listed = torch.zeros(shape, dtype=torch.bool, device=device).scatter(
-            -1, slots.clamp(min=0), top.values >= 0
-        )
+        # -1 goes to a spare column: a repeated index 0 would race with a listed slot 0.
+        spare = torch.where(slots >= 0, slots, num_slots)
+        listed = torch.zeros((*shape[:2], num_slots + 1), dtype=torch.bool, device=device)
+        listed = listed.scatter(-1, spare, True)[..., :num_slots]
         candidate = candidate & listed
 
     upper = mean_constrained_bound(logits) if params.exact_centroid else logits.upper
