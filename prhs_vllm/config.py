@@ -40,6 +40,7 @@ __all__ = [
     "PrhsConfig",
     "PrhsConfigError",
     "config_reference_markdown",
+    "depth_fraction",
     "load_config_file",
     "resolve_config",
 ]
@@ -373,15 +374,6 @@ class PrhsConfig(BaseModel):
             raise ValueError(f"duplicate layer indices {dups} (each layer may be listed once)")
         return value
 
-    def layer_fraction(
-        self, start: int | None, base: float, power: float, layer: int, num_layers: int
-    ) -> float:
-        """PSAW / ETF fraction of the context for ``layer``: 1 - base^(power (l - s) / (L - s)),
-        0 before ``start`` (or when ``start`` is None)."""
-        if start is None or layer < start or num_layers <= start:
-            return 0.0
-        return 1.0 - base ** (power * (layer - start) / (num_layers - start))
-
     def describe(self) -> str:
         """One-line summary for logs."""
         layers = ",".join(str(i) for i in self.dense_layers) or "none"
@@ -398,6 +390,16 @@ class PrhsConfig(BaseModel):
             f"metrics={'on' if self.metrics else 'off'} log_interval_s={self.log_interval_s:g} "
             f"cuda_graphs={'on' if self.cuda_graphs else 'off'}"
         )
+
+
+def depth_fraction(
+    start: int | None, base: float, power: float, layer: int, num_layers: int
+) -> float:
+    """PSAW / ETF fraction of the context for ``layer``: 1 - base^(power (l - s) / (L - s)),
+    0 before ``start`` (or when ``start`` is None)."""
+    if start is None or layer < start or num_layers <= start:
+        return 0.0
+    return 1.0 - base ** (power * (layer - start) / (num_layers - start))
 
 
 # --------------------------------------------------------------------------- validation

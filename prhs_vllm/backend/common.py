@@ -19,7 +19,7 @@ from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 from prhs_vllm import LOGGER_NAME, _compat, metrics, ops
 from prhs_vllm.backend.reuse import ReuseConfig, ReuseState
 from prhs_vllm.backend.step import StepGraphs, sparse_step
-from prhs_vllm.config import PrhsConfig, PrhsConfigError, resolve_config
+from prhs_vllm.config import PrhsConfig, PrhsConfigError, depth_fraction, resolve_config
 from prhs_vllm.ops import SelectionParams
 from prhs_vllm.ops.ref.quant import QuantizedCentroids, code_bytes
 
@@ -321,8 +321,8 @@ class PrhsImplMixin:
         # Fixed per layer: built once, not on every step.
         if self._params is None or self._params.block_size != block_size:
             self._params = layer_selection_params(
-                self.prhs_config, self._layer_index, self._num_layers, self.num_kv_heads,
-                block_size, self.scale,
+                self.prhs_config, self._layer_index, self._num_layers, block_size,
+                self.scale,
             )  # fmt: skip
         return self._params
 
@@ -398,16 +398,11 @@ def layer_selection_params(
     cfg: PrhsConfig,
     layer: int,
     num_layers: int,
-    num_kv_heads: int,
     block_size: int,
     scale: float,
 ) -> SelectionParams:
-    """The SelectionParams of one layer: its block sizes and depth fractions.
-
-    Raises:
-        PrhsConfigError: see ``validate_head_block_pages``.
-    """
-    validate_head_block_pages(cfg, num_layers, num_kv_heads)
+    """The SelectionParams of one layer: its block sizes and depth fractions
+    (``cfg`` already passed ``validate_head_block_pages`` at start-up)."""
     sizes = cfg.head_block_pages.get(layer)
     block_pages = cfg.block_pages if sizes is None else tuple(sizes)
     return SelectionParams(
@@ -422,10 +417,10 @@ def layer_selection_params(
         delta_control=cfg.delta_control,
         rerank=cfg.rerank,
         exact_centroid=cfg.centroid_dtype == "float32",
-        window_start=cfg.layer_fraction(
+        window_start=depth_fraction(
             cfg.psaw_start_layer, cfg.psaw_phi, cfg.psaw_alpha, layer, num_layers
         ),
-        frozen_fraction=cfg.layer_fraction(
+        frozen_fraction=depth_fraction(
             cfg.etf_start_layer, cfg.etf_psi, cfg.etf_gamma, layer, num_layers
         ),
     )

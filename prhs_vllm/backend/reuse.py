@@ -35,12 +35,13 @@ __all__ = ["ReuseConfig", "ReuseState", "dilate"]
 class ReuseConfig:
     """tau: cosine similarity a group's every query head needs to its anchor;
     max_age: steps a selection may be reused before scoring again; top_m:
-    fraction of the anchor's kept pages dilated by +-radius pages."""
+    fraction of the budget cap (the anchor's best kept pages) dilated by
+    +-radius pages. Defaults as in prhs_vllm.config."""
 
     tau: float
-    max_age: int
-    top_m: float
-    radius: int
+    max_age: int = 8
+    top_m: float = 1 / 3
+    radius: int = 1
 
 
 class ReuseState:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from prhs_vllm.config import depth_fraction
 from prhs_vllm.eval.replay import (
     ReuseParams,
     StepMeasures,
@@ -103,12 +104,7 @@ VARIANTS: tuple[Variant, ...] = (
 
 
 def _fraction(spec, layer: int, num_layers: int) -> float:
-    if spec is None:
-        return 0.0
-    start, base, power = spec
-    if layer < start or num_layers <= start:
-        return 0.0
-    return 1.0 - base ** (power * (layer - start) / (num_layers - start))
+    return 0.0 if spec is None else depth_fraction(spec[0], spec[1], spec[2], layer, num_layers)
 
 
 def run_audit(captures, variants=VARIANTS, dense_layers=(0, 1), progress=None):

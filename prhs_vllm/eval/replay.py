@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from prhs_vllm.backend.reuse import dilate
+from prhs_vllm.backend.reuse import ReuseConfig, dilate
 from prhs_vllm.ops.ref.quant import QuantizedCentroids, code_bytes, update_quantized_summaries
 from prhs_vllm.ops.ref.selection import (
     SelectionParams,
@@ -128,16 +128,12 @@ def page_window(
 
 
 @dataclass(frozen=True)
-class ReuseParams:
-    """Time-axis reuse (PrHS): reuse a (row, KV head)'s previous selection when
-    every query head of the group has cosine similarity >= tau to the query
-    that produced it and it is younger than max_age steps; the reused set is
-    the previous set plus +-radius pages around its top_m_frac best pages."""
+class ReuseParams(ReuseConfig):
+    """The backend's reuse knobs (``ReuseConfig``), plus head sharing, which only
+    this replay implements: a KV head whose group-mean query is within tau of
+    an earlier, freshly scored head of the same step takes that head's pages."""
 
     tau: float = 0.8
-    max_age: int = 8
-    top_m_frac: float = 1 / 3
-    radius: int = 1
     share_heads: bool = False
 
 
@@ -224,7 +220,7 @@ def replay_layer(
             for h in range(num_kv_heads):
                 if sim[h] >= reuse.tau and age[h] < reuse.max_age:
                     a = int(anchor[h])
-                    top_m = torch.tensor([max(1, round(reuse.top_m_frac * cap[a]))])
+                    top_m = torch.tensor([max(1, round(reuse.top_m * cap[a]))])
                     grown = dilate(keep[a, h][None, None], score[a, h][None, None], top_m,
                                    reuse.radius)[0, 0]  # fmt: skip
                     keep[t, h] = (grown | must[t]) & (torch.arange(num_slots) < num_pages[t])

@@ -22,7 +22,7 @@ from prhs_vllm.ops.ref import (
     update_page_summaries,
 )
 from prhs_vllm.ops.ref.quant import QuantizedCentroids, update_quantized_summaries
-from prhs_vllm.ops.ref.selection import exact_page_logits, select_from_logits
+from prhs_vllm.ops.ref.selection import key_rescorer, select_from_logits
 from prhs_vllm.ops.ref.sparse_decode_indexed import compact_keep, sparse_paged_decode_indexed
 
 __all__ = [
@@ -116,14 +116,7 @@ def select(
             num_slots,
             skip=skip,
         )
-        rescore = None
-        if params.rerank > 0:
-
-            def rescore(slots):
-                return exact_page_logits(
-                    query, key_cache, block_table, seq_lens, params.scale, slots
-                )
-
+        rescore = key_rescorer(query, key_cache, block_table, seq_lens, params)
         return select_from_logits(logits, seq_lens, params, rescore=rescore, prev_keep=prev_keep)
     return select_pages(
         query, key_sum, key_min, key_max, block_table, seq_lens, params, num_slots,

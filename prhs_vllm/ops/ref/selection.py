@@ -16,6 +16,7 @@ An optional exact rerank scores a shortlist of pages from the keys
 themselves, so their three log-masses coincide.
 """
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -290,15 +291,25 @@ def select_pages(
     logits = page_logits(
         query, key_sum, key_min, key_max, block_table, seq_lens, bs, params.scale, num_slots
     )
-    rescore = None
-    if params.rerank > 0:
-        if key_cache is None:
-            raise ValueError("params.rerank > 0 needs the key cache")
-
-        def rescore(slots: torch.Tensor) -> torch.Tensor:
-            return exact_page_logits(query, key_cache, block_table, seq_lens, params.scale, slots)
-
+    rescore = key_rescorer(query, key_cache, block_table, seq_lens, params)
     return select_from_logits(logits, seq_lens, params, rescore=rescore, prev_keep=prev_keep)
+
+
+def key_rescorer(query, key_cache, block_table, seq_lens, params: SelectionParams):
+    """The ``rescore`` function of ``select_from_logits`` (None when rerank is off).
+
+    Raises:
+        ValueError: rerank is on and there is no key cache.
+    """
+    if params.rerank <= 0:
+        return None
+    if key_cache is None:
+        raise ValueError("params.rerank > 0 needs the key cache")
+
+    def rescore(slots: torch.Tensor) -> torch.Tensor:
+        return exact_page_logits(query, key_cache, block_table, seq_lens, params.scale, slots)
+
+    return rescore
 
 
 def group_page_mass(logits: torch.Tensor) -> torch.Tensor:
@@ -312,18 +323,28 @@ def group_page_mass(logits: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(torch.softmax(logits, dim=-1).mean(dim=2), nan=0.0)
 
 
-def rank_mass(logits: PageLogits, estimator: str) -> torch.Tensor:
+def rank_mass(
+    logits: PageLogits,
+    estimator: str,
+    est_mass: torch.Tensor | None = None,
+    tight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """[N, Hkv, M] group-mean page masses that rank pages for ``estimator``.
 
     "hybrid" takes, per page, the larger of the centroid's and the bound's
     normalized masses: a page either estimator ranks high stays in the race
     (the bound catches isolated spikes, the centroid broad mass).
+    ``est_mass`` (``group_page_mass(logits.est)``) and ``tight``
+    (``mean_constrained_bound(logits)``) pass in what the caller already has.
     """
-    if estimator == "hybrid":
-        return torch.maximum(
-            group_page_mass(logits.est), group_page_mass(mean_constrained_bound(logits))
-        )
-    return group_page_mass(rank_logits(logits, estimator))
+    if estimator == "quest":
+        return group_page_mass(logits.upper)
+    if estimator in ("centroid", "hybrid") and est_mass is None:
+        est_mass = group_page_mass(logits.est)
+    if estimator == "centroid":
+        return est_mass
+    bound_mass = group_page_mass(mean_constrained_bound(logits) if tight is None else tight)
+    return bound_mass if estimator == "bound" else torch.maximum(est_mass, bound_mass)
 
 
 def rank_logits(logits: PageLogits, estimator: str) -> torch.Tensor:
@@ -407,14 +428,17 @@ def select_from_logits(
         listed = listed.scatter(-1, spare, True)[..., :num_slots]
         candidate = candidate & listed
 
-    upper = mean_constrained_bound(logits) if params.exact_centroid else logits.upper
-    mass = rank_mass(logits, params.estimator)
     # The kept-mass estimate behind the delta rule uses the centroid log-masses
     # (exact where reranked), whatever ranks the pages: normalized upper bounds
     # (loose by e^10 and more per page on real keys) pile the estimate onto a
     # few pages and stop the fill early -- SmolLM2 then lost pass keys that the
     # fill to the cap keeps.
     stop_mass = group_page_mass(logits.est)
+    tight = None
+    if params.exact_centroid or params.estimator in ("bound", "hybrid"):
+        tight = mean_constrained_bound(logits)
+    upper = tight if params.exact_centroid else logits.upper
+    mass = rank_mass(logits, params.estimator, stop_mass, tight)
     keep = fixed
     for bp, heads in _block_sizes(params.block_pages, num_kv_heads, device):
         taken = _take_blocks(
@@ -429,11 +453,13 @@ def select_from_logits(
     )
 
 
+@functools.lru_cache(maxsize=64)
 def _block_sizes(block_pages, num_kv_heads: int, device):
     """[(pages per block, [Hkv] bool mask of its heads, or None for all heads)].
 
     Every size runs over all heads and is masked after: index tensors built
     from host lists would need a host-to-device copy, which CUDA graphs forbid.
+    Cached per layout, so the masks are built once, not on every step.
     """
     if isinstance(block_pages, int):
         return [(block_pages, None)]
