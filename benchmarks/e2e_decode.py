@@ -48,6 +48,25 @@ def dummy_model_dir(config: dict) -> str:
     return str(path)
 
 
+def kv_capacity(llm, args) -> dict:
+    """KV pool size and preemptions: a batch that does not fit is preempted and
+    recomputed, which costs more than any attention kernel saves."""
+    info = {}
+    try:
+        cache = llm.llm_engine.vllm_config.cache_config
+        info["kv_cache_tokens"] = int(cache.num_gpu_blocks) * int(cache.block_size)
+        info["kv_tokens_needed"] = args.batch * (args.context + args.output_len + 1)
+    except Exception as exc:  # engine layout differs across versions: record, go on
+        info["kv_cache_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    try:
+        for metric in llm.get_metrics():
+            if metric.name == "vllm:num_preemptions":
+                info["preemptions"] = int(metric.value)
+    except Exception as exc:
+        info["preemptions_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    return info
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="llama3-8b-dummy", help="HF folder or llama3-8b-dummy")
@@ -138,6 +157,8 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
         "first_tokens": [list(o.outputs[0].token_ids[:16]) for o in outputs],
     }
+    result["gpu_memory_utilization"] = args.gpu_memory_utilization
+    result.update(kv_capacity(llm, args))
     try:
         from prhs_vllm.metrics import read_totals
 

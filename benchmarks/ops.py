@@ -3,7 +3,9 @@ compaction and attention, exactly as the backend runs them (`prhs_vllm.ops`)
 -- and of each part, against dense FlashAttention-3 and FlashInfer decode.
 
 LLaMA-3-8B attention (32 query / 8 KV heads, d=128, 16-token pages, bf16),
-fixed-budget selection (delta=0: keep up to the cap), random keys. Each time is
+fixed-budget selection (delta=0: keep up to the cap), random keys. "selection"
+is the fused Triton kernel (keep mask and compacted slot lists in one launch);
+"selection_torch" the torch path it replaced, for comparison. Each time is
 the median over CUDA-graph replays (graphs hold several calls over distinct
 page sets, so reads come from HBM); "eager" re-times the whole step without a
 graph, which is how it runs inside vLLM today (attention outside graphs).
@@ -37,6 +39,7 @@ from ops_sparse_decode import (  # noqa: E402
 from prhs_vllm import ops  # noqa: E402
 from prhs_vllm.ops.ref.selection import SelectionParams, select_from_logits  # noqa: E402
 from prhs_vllm.ops.ref.sparse_decode_indexed import compact_keep  # noqa: E402
+from prhs_vllm.ops.triton import select_compact  # noqa: E402
 
 COPY_CEILING_GBS = 3040.0
 SUMMARY_BYTES = 3 * 4 * HEAD_DIM  # float32 sum, min, max per page and KV head
@@ -113,27 +116,33 @@ def bench(batch: int, context: int, budget: int, l2: int, replays: int, gen, fla
 
     logits = scoring()
 
-    def selection():
-        return select_from_logits(logits, seq, params)
+    def selection():  # fused: keep mask, compacted slot lists, kept mass, dropped bound
+        return select_compact(logits, seq, params)
 
-    keep = selection().keep
+    def selection_torch():  # the torch path it replaced (select_from_logits + compact_keep)
+        return compact_keep(select_from_logits(logits, seq, params).keep)
 
-    def compaction():
-        return compact_keep(keep)
+    sel = selection()
+    keep, compact = sel.keep, (sel.kept_slots, sel.num_kept)
 
     def attention():
-        return ops.sparse_decode(q, shape.key, shape.value, table, seq, keep, params.scale)
+        return ops.sparse_decode(
+            q, shape.key, shape.value, table, seq, keep, params.scale, compact=compact
+        )
 
     def whole():
         sel = ops.select(q, key_sum, key_min, key_max, table, seq, params, pages)
-        return ops.sparse_decode(q, shape.key, shape.value, table, seq, sel.keep, params.scale)
+        return ops.sparse_decode(
+            q, shape.key, shape.value, table, seq, sel.keep, params.scale,
+            compact=(sel.kept_slots, sel.num_kept),
+        )  # fmt: skip
 
     row = {"batch": batch, "context": context, "budget": f"1/{budget}"}
     row["kept_pages"] = int(keep.sum(-1).float().mean().item())
     for name, fn in [
         ("scoring", scoring),
         ("selection", selection),
-        ("compaction", compaction),
+        ("selection_torch", selection_torch),
         ("attention", attention),
         ("whole", whole),
     ]:
@@ -188,7 +197,7 @@ def main() -> None:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     flash, why = load_flash_attn()
     rows = []
-    cols = ["scoring", "selection", "compaction", "attention", "whole", "whole_eager"]
+    cols = ["scoring", "selection", "selection_torch", "attention", "whole", "whole_eager"]
     print("batch context budget kept " + " ".join(f"{c}_ms" for c in cols) + " fa3_ms fi_ms x_fa3")
     for batch in args.batches:
         for context in args.contexts:

@@ -232,6 +232,34 @@ def check_page_logits(
         torch.testing.assert_close(mass, want, atol=10 * t.mass_atol, rtol=1e-5, equal_nan=True)
 
 
+def check_page_logits_quantized(gen, bits, group, head_dim, lens, device, num_kv_heads=2):
+    """Triton page_logits over int8 / int4 centroid codes and bf16 boxes vs the reference."""
+    from prhs_vllm.ops.ref.quant import QuantizedCentroids, code_bytes, update_quantized_summaries
+    from prhs_vllm.ops.triton import page_logits
+
+    block_size = 16
+    query, _, table, seq_lens, num_slots = scoring_inputs(
+        gen, group, head_dim, block_size, lens, torch.float32, device, num_kv_heads
+    )
+    num_pages = int(table.max()) + 1
+    codes = torch.randint(0, 256, (num_pages, num_kv_heads, code_bytes(head_dim, bits)),
+                          generator=gen, dtype=torch.uint8)  # fmt: skip
+    centroids = QuantizedCentroids(codes.to(device), bits)
+    shape = (num_pages, num_kv_heads, head_dim)
+    key_min = torch.full(shape, math.inf, dtype=torch.bfloat16, device=device)
+    key_max = torch.full(shape, -math.inf, dtype=torch.bfloat16, device=device)
+    for i, n in enumerate(lens):
+        pages = table[i, : cdiv(n, block_size)].to(torch.long).cpu()
+        pos = torch.arange(n)
+        slots = (pages[pos // block_size] * block_size + pos % block_size).to(device)
+        key = strided_keys(gen, n, num_kv_heads, head_dim, torch.float32, device)
+        update_quantized_summaries(key, slots, block_size, centroids, key_min, key_max)
+    args = (query, centroids, key_min, key_max, table, seq_lens, block_size, 0.3, num_slots)
+    got, want = page_logits(*args), ref_page_logits(*args)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=tol(torch.float32).lse_atol, rtol=1e-5)
+
+
 def random_logits(gen, num_rows, num_kv_heads, group, num_slots, device):
     """[N, Hkv, G, M] float32 log-masses: -inf tails per row (short contexts), one row
     all -inf (no context: nan mass, as torch gives), one of large magnitude and one
@@ -282,6 +310,108 @@ def check_group_page_mass(gen, group, num_slots, device, block_m=None, num_rows=
     torch.testing.assert_close(
         got, group_page_mass_ref(view), atol=tol(torch.float32).mass_atol, rtol=1e-5, equal_nan=True
     )
+
+
+def selection_logits(gen, num_rows, num_kv_heads, group, num_slots, block_size, device, ties=False):
+    """PageLogits [N, Hkv, G, M] with consistent est <= tight <= upper, and seq_lens [N].
+
+    Rows: a full one, a short one (fewer pages than the sinks + window), one
+    with a partial last page, then random lengths. ``ties``: every page of a
+    row has the same logits, so ranks tie exactly in any implementation.
+    """
+    from prhs_vllm.ops.ref.selection import PageLogits
+
+    shape = (num_rows, num_kv_heads, group, num_slots)
+    est = 3.0 * torch.randn(shape, generator=gen)
+    if ties:
+        est = est[..., :1].expand(shape).clone()
+    width = 4.0 * torch.rand(shape, generator=gen) + (0.0 if ties else 0.05)
+    upper = est + width * torch.rand(shape, generator=gen)
+    lower = est - width
+    lens = torch.randint(1, num_slots * block_size + 1, (num_rows,), generator=gen)
+    lens[0] = num_slots * block_size
+    if num_rows > 1:
+        lens[1] = min(2 * block_size, num_slots * block_size)
+    if num_rows > 2:
+        lens[2] = max(1, num_slots * block_size - block_size // 2)
+    pages = -(-lens // block_size)
+    empty = (torch.arange(num_slots)[None, :] >= pages[:, None])[:, None, None, :]
+    logits = PageLogits(*(x.masked_fill(empty, -math.inf).to(device) for x in (est, upper, lower)))
+    return logits, lens.to(torch.int32).to(device)
+
+
+def check_select_compact(gen, device, num_rows=5, num_kv_heads=3, group=4, num_slots=37,
+                         block_size=16, ties=False, etf=False, **knobs):  # fmt: skip
+    """Triton select_compact vs the reference, compared by what the pages score.
+
+    Where ranks tie (``ties``), both must keep the same pages (lower slots
+    first); elsewhere the kept page counts must agree, and the reference's rank
+    masses of the pages each kept must sum the same (a swap of equal scores is fine).
+    """
+    from prhs_vllm.ops.ref.compact_selection import select_compact as ref_select
+    from prhs_vllm.ops.ref.selection import SelectionParams, _blocks, mandatory_pages, rank_mass
+    from prhs_vllm.ops.ref.sparse_decode_indexed import compact_keep
+    from prhs_vllm.ops.triton import select_compact
+
+    logits, seq_lens = selection_logits(
+        gen, num_rows, num_kv_heads, group, num_slots, block_size, device, ties
+    )
+    params = SelectionParams(**{
+        "block_size": block_size, "scale": 1.0, "budget": 0.3, "delta": 0.0,
+        "sink_tokens": block_size, "local_tokens": 2 * block_size, **knobs,
+    })  # fmt: skip
+    prev = None
+    if etf:
+        prev = torch.rand(num_rows, num_kv_heads, num_slots + 3, generator=gen) < 0.5
+        prev = prev.to(device)[..., 1:]  # a strided view, wider than M
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # -inf - -inf (interpreter)
+        got = select_compact(logits, seq_lens, params, prev_keep=prev)
+        want = ref_select(logits, seq_lens, params, prev_keep=prev)
+    shape = (num_rows, num_kv_heads, num_slots)
+    assert got.keep.shape == shape and got.keep.dtype == torch.bool
+    assert got.bound_logits is None
+    assert torch.equal(got.num_pages, want.num_pages)
+    # Compaction is exact given the keep mask.
+    slots, counts = compact_keep(got.keep)
+    assert torch.equal(got.kept_slots, slots) and torch.equal(got.num_kept, counts)
+    must = mandatory_pages(want.num_pages, num_slots, params)[:, None, :]
+    live = torch.arange(num_slots, device=device)[None, :] < want.num_pages[:, None]
+    assert not (must & ~got.keep).any(), "a sink or window page was dropped"
+    assert not (got.keep & ~live[:, None, :]).any(), "a page past the context was kept"
+    t = tol(torch.float32)
+    if ties:
+        assert torch.equal(got.keep, want.keep)
+    else:
+        assert torch.equal(got.num_kept, want.num_kept)
+        score = rank_mass(logits, params.estimator)
+        bp = params.block_pages if isinstance(params.block_pages, int) else 1
+        kept_score = _blocks(score * got.keep, bp).sum(-1)
+        want_score = _blocks(score * want.keep, bp).sum(-1)
+        torch.testing.assert_close(kept_score, want_score, atol=10 * t.mass_atol, rtol=1e-5)
+    torch.testing.assert_close(
+        got.est_kept_mass, want.est_kept_mass, atol=10 * t.mass_atol, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        got.dropped_bound_lse, want.dropped_bound_lse, atol=t.lse_atol, rtol=1e-5
+    )
+    return got, want
+
+
+SELECT_CASES = {
+    "budget": {},
+    "delta": {"delta": 0.2},
+    "delta-wins": {"budget": 1.0, "delta": 0.4},
+    "centroid": {"estimator": "centroid", "delta": 0.1},
+    "quest": {"estimator": "quest"},
+    "bound": {"estimator": "bound", "delta": 0.05},
+    "blocks-2": {"block_pages": 2, "delta": 0.1},
+    "blocks-per-head": {"block_pages": (1, 3, 2)},
+    "psaw": {"window_start": 0.4},
+    "etf": {"frozen_fraction": 0.5, "etf": True},
+    "tiny-budget": {"budget": 0.01},
+    "quantized": {"exact_centroid": False, "delta": 0.1},
+}
 
 
 # --------------------------------------------------------------------------- driver
@@ -470,3 +600,56 @@ def test_group_page_mass(gen, group):
 def test_group_page_mass_chunks(gen, group):
     """BLOCK_M = 16 < M: partial max / sums combined over chunks, all -inf chunks too."""
     check_group_page_mass(gen, group, 53, "cpu", block_m=16)
+
+
+@interpreted
+@pytest.mark.parametrize("case", list(SELECT_CASES), ids=list(SELECT_CASES))
+def test_select_compact(gen, case):
+    check_select_compact(gen, "cpu", **SELECT_CASES[case])
+
+
+@interpreted
+@pytest.mark.parametrize("case", ["budget", "delta", "blocks-per-head", "etf"])
+def test_select_compact_ties_keep_lower_slots(gen, case):
+    check_select_compact(gen, "cpu", ties=True, **SELECT_CASES[case])
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "num_rows, num_kv_heads, group, num_slots",
+    [(1, 1, 1, 1), (2, 1, 8, 5), (3, 2, 3, 130)],
+    ids=["one-slot", "g8", "g3-m130"],
+)
+def test_select_compact_odd_shapes(gen, num_rows, num_kv_heads, group, num_slots):
+    check_select_compact(gen, "cpu", num_rows, num_kv_heads, group, num_slots, delta=0.1)
+
+
+@interpreted
+def test_select_compact_no_slots():
+    from prhs_vllm.ops.ref.selection import PageLogits, SelectionParams
+    from prhs_vllm.ops.triton import select_compact
+
+    empty = torch.empty(2, 1, 2, 0)
+    params = SelectionParams(block_size=16, scale=1.0, budget=0.5, delta=0.0,
+                             sink_tokens=0, local_tokens=16)  # fmt: skip
+    got = select_compact(PageLogits(empty, empty, empty), torch.zeros(2, dtype=torch.int32), params)
+    assert got.keep.shape == (2, 1, 0) and got.num_kept.tolist() == [[0], [0]]
+    assert torch.isneginf(got.dropped_bound_lse).all()
+
+
+def test_select_compact_rejects_what_it_does_not_cover():
+    from prhs_vllm.ops.ref.compact_selection import select_compact
+    from prhs_vllm.ops.ref.selection import PageLogits, SelectionParams
+
+    x = torch.zeros(1, 1, 1, 2)
+    for knobs in ({"rerank": 2.0}, {"delta": 0.1, "delta_control": "certified"}):
+        base = {"block_size": 16, "scale": 1.0, "budget": 0.5, "delta": 0.0}
+        params = SelectionParams(**{**base, "sink_tokens": 0, "local_tokens": 16, **knobs})
+        with pytest.raises(ValueError, match="does not cover"):
+            select_compact(PageLogits(x, x, x), torch.tensor([32]), params)
+
+
+@interpreted
+@pytest.mark.parametrize("bits", [8, 4])
+def test_page_logits_quantized(gen, bits):
+    check_page_logits_quantized(gen, bits, 2, 32, [0, 5, 40, 70], "cpu")

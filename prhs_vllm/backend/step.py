@@ -18,7 +18,7 @@ from prhs_vllm import ops
 from prhs_vllm.backend.reuse import ReuseConfig, ReuseState
 from prhs_vllm.ops import SelectionParams, dropped_mass_upper_bound
 from prhs_vllm.ops.ref import exact_page_logits
-from prhs_vllm.ops.ref.selection import group_page_mass, mandatory_pages
+from prhs_vllm.ops.ref.selection import certified_fraction, group_page_mass, mandatory_pages
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 SLOT_QUANTUM = 512  # page slots per context bucket (8K tokens at 16-token pages)
@@ -103,6 +103,9 @@ def sparse_step(
         skip=reused if reuse is not None else None,
     )
     keep, est_kept = selection.keep, selection.est_kept_mass
+    compact = None
+    if selection.kept_slots is not None:  # fused selection (never with reuse)
+        compact = (selection.kept_slots, selection.num_kept)
     if reuse is not None:
         keep, est_kept = _apply_reuse(
             state, reuse_cfg, query, block_table, seq_lens, params, selection, slot, reused
@@ -116,13 +119,16 @@ def sparse_step(
         keep,
         params.scale,
         workspace=workspace,
+        compact=compact,
     )
     certified = None
     if with_metrics:
         num_rows, num_kv_heads = keep.shape[:2]
-        certified = dropped_mass_upper_bound(
-            selection.bound_logits, keep, lse.view(num_rows, num_kv_heads, -1)
-        )
+        kept_lse = lse.view(num_rows, num_kv_heads, -1)
+        if selection.dropped_bound_lse is not None:
+            certified = certified_fraction(selection.dropped_bound_lse, kept_lse)
+        else:
+            certified = dropped_mass_upper_bound(selection.bound_logits, keep, kept_lse)
     true = None
     if audit:
         true = true_dropped_mass(query, key_cache, block_table, seq_lens, keep, params.scale)

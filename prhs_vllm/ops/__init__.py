@@ -21,6 +21,7 @@ from prhs_vllm.ops.ref import (
     sparse_paged_decode,
     update_page_summaries,
 )
+from prhs_vllm.ops.ref.compact_selection import unsupported_reason
 from prhs_vllm.ops.ref.quant import QuantizedCentroids, update_quantized_summaries
 from prhs_vllm.ops.ref.selection import key_rescorer, select_from_logits
 from prhs_vllm.ops.ref.sparse_decode_indexed import compact_keep, sparse_paged_decode_indexed
@@ -95,13 +96,16 @@ def select(
     prev_keep=None,
     skip=None,
 ) -> Selection:
-    """``ref.select_pages`` (same arguments), scoring on the fastest backend
-    (quantized centroids: the torch reference).
+    """``ref.select_pages`` (same arguments), scoring on the fastest backend.
+
+    On the Triton path, selection without rerank, the certified stop rule or
+    ``skip`` runs fused (``select_compact``): the result then carries the
+    compacted slot lists and the dropped-bound log-sum-exp, not bound_logits.
 
     ``skip`` [N, Hkv] bool marks (row, head) pairs whose selection is reused:
     the Triton scorer reads nothing for them (their logits are -inf); the
     reference scores them anyway. Either way their result is not used."""
-    if query.is_cuda and _triton_ready() and not isinstance(key_sum, QuantizedCentroids):
+    if query.is_cuda and _triton_ready():
         from prhs_vllm.ops.triton import page_logits
 
         logits = page_logits(
@@ -116,6 +120,10 @@ def select(
             num_slots,
             skip=skip,
         )
+        if skip is None and unsupported_reason(params) is None:
+            from prhs_vllm.ops.triton import select_compact
+
+            return select_compact(logits, seq_lens, params, prev_keep=prev_keep)
         rescore = key_rescorer(query, key_cache, block_table, seq_lens, params)
         return select_from_logits(logits, seq_lens, params, rescore=rescore, prev_keep=prev_keep)
     return select_pages(
@@ -133,18 +141,20 @@ def sparse_decode(
     keep: torch.Tensor,
     scale: float,
     workspace: torch.Tensor | None = None,
+    compact: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``ref.sparse_paged_decode`` (same arguments and results).
 
     On CUDA the kept pages are compacted on the device (no host sync) and read
     by the csrc kernel, or by the indexed reference when it is not built.
     ``workspace`` (CUDA kernel only) is its split-K scratch, for graph capture.
+    ``compact``: ``compact_keep(keep)`` when the selection already made it.
     """
     if not query.is_cuda:
         return sparse_paged_decode(
             query, key_cache, value_cache, block_table, seq_lens, keep, scale
         )
-    kept_slots, num_kept = compact_keep(keep)
+    kept_slots, num_kept = compact_keep(keep) if compact is None else compact
     table = block_table.to(torch.int32)  # vLLM's is int32 already: no copy
     lens = seq_lens.to(torch.int32)
     if _cuda_ready():

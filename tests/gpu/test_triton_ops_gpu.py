@@ -13,14 +13,18 @@ import os
 import pytest
 import torch
 from test_triton_ops import (
+    SELECT_CASES,
     assert_same_summaries,
     check_group_page_mass,
     check_page_logits,
+    check_page_logits_quantized,
     check_page_logits_skip,
+    check_select_compact,
     check_summaries_one_call,
     check_summaries_recycled_pages,
     group_page_mass_ref,
     scoring_inputs,
+    selection_logits,
     slots_for,
     strided_keys,
 )
@@ -161,3 +165,50 @@ def test_cuda_graph_replay(gen):
 
 def test_page_logits_skip_on_gpu(gen):
     check_page_logits_skip(gen, [40, 3000, 129, 700], 4, 128, 8, torch.bfloat16, DEVICE, 1e-3)
+
+
+@pytest.mark.parametrize("case", list(SELECT_CASES), ids=list(SELECT_CASES))
+@pytest.mark.parametrize(
+    "num_rows, num_kv_heads, group, num_slots",
+    [(16, 8, 4, 2048), (3, 2, 8, 8192), (5, 3, 1, 333)],
+    ids=["b16-m2048", "g8-m8192", "g1-m333"],
+)
+def test_select_compact(gen, case, num_rows, num_kv_heads, group, num_slots):
+    knobs = dict(SELECT_CASES[case])
+    if case == "blocks-per-head":
+        knobs["block_pages"] = (1, 3, 2, 4, 1, 1, 2, 8)[:num_kv_heads]
+    check_select_compact(gen, DEVICE, num_rows, num_kv_heads, group, num_slots, **knobs)
+
+
+@pytest.mark.parametrize("case", ["budget", "delta", "blocks-per-head", "etf"])
+def test_select_compact_ties(gen, case):
+    check_select_compact(gen, DEVICE, 4, 3, 4, 700, ties=True, **SELECT_CASES[case])
+
+
+def test_select_compact_graph_replay(gen):
+    """Captured once, replayed on new logits and lengths: same as eager."""
+    from prhs_vllm.ops.ref.compact_selection import select_compact as ref_select
+    from prhs_vllm.ops.ref.selection import SelectionParams
+    from prhs_vllm.ops.triton import select_compact
+
+    params = SelectionParams(block_size=16, scale=1.0, budget=1 / 16, delta=0.05,
+                             sink_tokens=64, local_tokens=256)  # fmt: skip
+    logits, seq_lens = selection_logits(gen, 6, 8, 4, 1024, 16, DEVICE)
+    select_compact(logits, seq_lens, params)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = select_compact(logits, seq_lens, params)
+    for _ in range(2):
+        new_logits, new_lens = selection_logits(gen, 6, 8, 4, 1024, 16, DEVICE)
+        for dst, src in zip(logits, new_logits, strict=True):
+            dst.copy_(src)
+        seq_lens.copy_(new_lens)
+        graph.replay()
+        want = ref_select(logits, seq_lens, params)
+        assert torch.equal(got.num_kept, want.num_kept)
+        torch.testing.assert_close(got.est_kept_mass, want.est_kept_mass, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_page_logits_quantized(gen, bits):
+    check_page_logits_quantized(gen, bits, 4, 128, [3, 2000, 129, 700], DEVICE, num_kv_heads=8)

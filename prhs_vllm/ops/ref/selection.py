@@ -92,13 +92,21 @@ class Selection:
     est_kept_mass: [N, Hkv] float32, estimated attention mass kept (group mean).
     num_pages: [N] int64, pages that hold context for each row.
     bound_logits: [N, Hkv, G, M] float32 certified upper log-masses per page
-        (exact on reranked pages), for ``dropped_mass_upper_bound``.
+        (exact on reranked pages), for ``dropped_mass_upper_bound``; None from
+        ``select_compact`` (it returns their dropped log-sum-exp instead).
+    kept_slots, num_kept: ``compact_keep(keep)`` ([N, Hkv, M] int32 slots
+        ascending then -1; [N, Hkv] int32), from ``select_compact`` only.
+    dropped_bound_lse: [N, Hkv, G] float32 log-sum-exp of bound_logits over the
+        dropped pages (-inf when none), from ``select_compact`` only.
     """
 
     keep: torch.Tensor
     est_kept_mass: torch.Tensor
     num_pages: torch.Tensor
-    bound_logits: torch.Tensor
+    bound_logits: torch.Tensor | None
+    kept_slots: torch.Tensor | None = None
+    num_kept: torch.Tensor | None = None
+    dropped_bound_lse: torch.Tensor | None = None
 
 
 def page_token_counts(seq_lens: torch.Tensor, num_slots: int, block_size: int) -> torch.Tensor:
@@ -553,7 +561,15 @@ def dropped_mass_upper_bound(
         [N, Hkv] float32, the mean over the group's query heads (dropped mass
         is the group mean of the heads' dropped attention weight).
     """
-    dropped = bound_logits.masked_fill(keep[:, :, None, :], -math.inf)
-    log_d = torch.logsumexp(dropped, dim=-1)
-    frac = torch.sigmoid(log_d - kept_lse)  # D_ub / (K + D_ub)
-    return frac.mean(dim=-1)
+    return certified_fraction(dropped_bound_lse(bound_logits, keep), kept_lse)
+
+
+def dropped_bound_lse(bound_logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """[N, Hkv, G] log-sum-exp of ``bound_logits`` [N, Hkv, G, M] over the pages
+    that ``keep`` [N, Hkv, M] drops (-inf when it drops none)."""
+    return torch.logsumexp(bound_logits.masked_fill(keep[:, :, None, :], -math.inf), dim=-1)
+
+
+def certified_fraction(log_dropped: torch.Tensor, kept_lse: torch.Tensor) -> torch.Tensor:
+    """[N, Hkv] D_ub / (K + D_ub), group mean, from log D_ub and log K, each [N, Hkv, G]."""
+    return torch.sigmoid(log_dropped - kept_lse).mean(dim=-1)

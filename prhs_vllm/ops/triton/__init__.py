@@ -1,7 +1,8 @@
 """Triton versions of the scoring ops, same signatures as the torch references.
 
-``update_page_summaries`` (``ref.summaries``), ``page_logits`` (``ref.selection``)
-and ``group_page_mass`` (``torch.softmax(x, -1).mean(2)`` of ``select_pages``).
+``update_page_summaries`` (``ref.summaries``), ``page_logits`` (``ref.selection``),
+``group_page_mass`` (``torch.softmax(x, -1).mean(2)`` of ``select_pages``) and
+``select_compact`` (``ref.compact_selection``).
 Importing this package does not import triton; the ops load on first access.
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (slowly) -- the
 variable must be set before the op modules are first imported, since triton
@@ -13,12 +14,19 @@ from __future__ import annotations
 import importlib
 import os
 
-__all__ = ["group_page_mass", "is_available", "page_logits", "update_page_summaries"]
+__all__ = [
+    "group_page_mass",
+    "is_available",
+    "page_logits",
+    "select_compact",
+    "update_page_summaries",
+]
 
 _OPS = {
     "update_page_summaries": "prhs_vllm.ops.triton.summaries",
     "page_logits": "prhs_vllm.ops.triton.scoring",
     "group_page_mass": "prhs_vllm.ops.triton.scoring",
+    "select_compact": "prhs_vllm.ops.triton.selection",
 }
 
 

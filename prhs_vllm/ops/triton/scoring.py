@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from prhs_vllm.ops.ref.quant import QuantizedCentroids, code_bytes
 from prhs_vllm.ops.ref.selection import PageLogits
 
 
@@ -30,6 +31,8 @@ def _page_logits_kernel(
     stride_sp,
     stride_sh,
     stride_sd,
+    stride_cp,
+    stride_ch,
     stride_tn,
     stride_tm,
     stride_on,
@@ -45,10 +48,13 @@ def _page_logits_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_SKIP: tl.constexpr,
+    CODE_BITS: tl.constexpr,
 ):
     """Grid (N, cdiv(M, BLOCK_M), Hkv): BLOCK_M page slots of row n, KV head h.
 
     Each page summary is read once and scored against all GROUP query heads.
+    CODE_BITS 0: sum_ptr is the float32 key sum; 8 or 4: it holds the
+    centroid codes (strides stride_cp, stride_ch; bytes contiguous).
     With HAS_SKIP, a (row, head) whose skip flag is set reads nothing and
     gets -inf (its selection is reused from an earlier step).
     """
@@ -68,12 +74,21 @@ def _page_logits_kernel(
     d_ok = d < head_dim
     tile_mask = live[:, None] & d_ok[None, :]
     src = page[:, None] * stride_sp + h * stride_sh + d[None, :] * stride_sd
-    k_sum = tl.load(sum_ptr + src, mask=tile_mask, other=0.0)
-    k_min = tl.load(min_ptr + src, mask=tile_mask, other=0.0)
-    k_max = tl.load(max_ptr + src, mask=tile_mask, other=0.0)
+    k_min = tl.load(min_ptr + src, mask=tile_mask, other=0.0).to(tl.float32)
+    k_max = tl.load(max_ptr + src, mask=tile_mask, other=0.0).to(tl.float32)
     n_tok = count.to(tl.float32)
     log_n = tl.log(tl.maximum(n_tok, 1.0))
-    est_scale = scale / tl.maximum(n_tok, 1.0)
+    if CODE_BITS == 0:  # float32 running sum
+        k_sum = tl.load(sum_ptr + src, mask=tile_mask, other=0.0)
+        est_scale = scale / tl.maximum(n_tok, 1.0)
+    else:  # quantized centroid: codes in the page's own box (ref.quant)
+        code_src = page[:, None] * stride_cp + h * stride_ch + (d * CODE_BITS // 8)[None, :]
+        code = tl.load(sum_ptr + code_src, mask=tile_mask, other=0).to(tl.int32)
+        if CODE_BITS == 4:
+            code = (code >> ((d % 2) * 4)[None, :]) & 0xF
+        levels: tl.constexpr = (1 << CODE_BITS) - 1
+        k_sum = k_min + code.to(tl.float32) / levels * (k_max - k_min)
+        est_scale = scale + tl.zeros([BLOCK_M], tl.float32)
     neg_inf = tl.full([BLOCK_M], float("-inf"), tl.float32)
     out = n * stride_on + h * stride_oh + j
     for g in tl.static_range(GROUP):
@@ -118,7 +133,8 @@ def page_logits(
 
     Args:
         query: [N, Hq, D] (any float dtype, any strides); Hq a multiple of Hkv.
-        key_sum, key_min, key_max: [P, Hkv, D] float32 page summaries, same strides.
+        key_sum, key_min, key_max: [P, Hkv, D] float32 page summaries, same strides;
+            or key_sum a QuantizedCentroids and key_min / key_max bfloat16 boxes.
         block_table: [N, >=M] int page ids; seq_lens: [N] int.
         block_size: tokens per page; scale: softmax scale; num_slots: M.
         skip: [N, Hkv] bool, (row, head) pairs not to score (their outputs are -inf).
@@ -160,13 +176,22 @@ def _page_logits(
 ):
     """``page_logits`` with explicit launch parameters (tests and benchmark sweeps)."""
     num_rows, num_q_heads, head_dim = query.shape
-    num_kv_heads = key_sum.shape[1]
+    num_kv_heads = key_min.shape[1]
     if num_q_heads % num_kv_heads:
         raise ValueError(f"{num_q_heads} query heads for {num_kv_heads} KV heads")
     group = num_q_heads // num_kv_heads
-    if key_sum.shape[2] != head_dim:
-        raise ValueError(f"summaries have head_dim {key_sum.shape[2]}, query {head_dim}")
-    if key_min.stride() != key_sum.stride() or key_max.stride() != key_sum.stride():
+    if key_min.shape[2] != head_dim:
+        raise ValueError(f"summaries have head_dim {key_min.shape[2]}, query {head_dim}")
+    if isinstance(key_sum, QuantizedCentroids):
+        bits, codes = key_sum.bits, key_sum.codes
+        if codes.shape[2] != code_bytes(head_dim, bits) or codes.stride(2) != 1:
+            raise ValueError(f"codes must be [P, Hkv, {code_bytes(head_dim, bits)}] uint8")
+        sums, code_strides = codes, codes.stride()[:2]
+    else:
+        bits, sums, code_strides = 0, key_sum, (0, 0)
+        if key_sum.stride() != key_min.stride():
+            raise ValueError("key_sum, key_min and key_max must share strides")
+    if key_max.stride() != key_min.stride():
         raise ValueError("key_sum, key_min and key_max must share strides")
     if num_slots > 0 and block_table.shape[1] < num_slots:
         raise ValueError(f"block_table has {block_table.shape[1]} columns for {num_slots} slots")
@@ -181,7 +206,7 @@ def _page_logits(
         skip = skip.to(torch.uint8)  # bool pointers are not loadable everywhere
     _page_logits_kernel[grid](
         query,
-        key_sum,
+        sums,
         key_min,
         key_max,
         block_table,
@@ -191,7 +216,8 @@ def _page_logits(
         lower,
         est if skip is None else skip,  # any pointer when unused
         *query.stride(),
-        *key_sum.stride(),
+        *key_min.stride(),
+        *code_strides,
         *block_table.stride(),
         *est.stride()[:3],
         *((0, 0) if skip is None else skip.stride()),
@@ -203,6 +229,7 @@ def _page_logits(
         BLOCK_M=block_m,
         BLOCK_D=triton.next_power_of_2(head_dim),
         HAS_SKIP=skip is not None,
+        CODE_BITS=bits,
         num_warps=num_warps,
     )
     return PageLogits(est, upper, lower)

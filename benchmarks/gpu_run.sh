@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# On the GPU machine (vLLM 0.26.0 staged): the phases named on the command line,
+# results in $OUT. Phases: setup, tests, ops, profile, e2e, fallback.
+#   bash benchmarks/gpu_run.sh setup tests ops
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+out=${OUT:-/tmp/prhs-out}; mkdir -p "$out"
+e2e=(python3 benchmarks/e2e_decode.py --batch 12 --output-len 64)
+for phase in "$@"; do
+  echo "== $phase $(date +%T)"
+  case $phase in
+    setup)
+      bash benchmarks/gpu_setup.sh 2>&1 | tee "$out/setup.txt"
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt" ;;
+    tests)
+      python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_sparse_decode_indexed.py \
+        2>&1 | tail -25 | tee "$out/gpu_tests.txt" ;;
+    ops)
+      python3 benchmarks/ops.py --batches 1 16 32 --contexts 32768 --budgets 16 \
+        --out "$out/ops_h100.json" 2>&1 | tail -8 | tee "$out/ops.txt"
+      python3 benchmarks/ops.py --batches 16 --contexts 4096 131072 --budgets 8 32 \
+        --out "$out/ops_grid_h100.json" 2>&1 | tail -8 | tee "$out/ops_grid.txt" ;;
+    profile)
+      "${e2e[@]}" --backend prhs --context 32768 --profile "$out/profile_prhs_b12x32k.txt" \
+        2>&1 | tail -2 | cut -c1-400 ;;
+    e2e)  # dense, prhs default (float32 summaries), prhs with int8 centroids
+      for run in "--backend dense" "--backend prhs" "--backend prhs --config configs/int8.yaml"; do
+        "${e2e[@]}" $run --context 32768 --out "$out/e2e_b12x32k.jsonl" 2>&1 | tail -1 \
+          | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); r.pop('first_tokens'); print(r)"
+      done ;;
+    fallback)  # <= 2K context: prhs runs dense throughout; its cost against the plain backend
+      for b in prhs dense prhs dense; do
+        "${e2e[@]}" --backend $b --context 2000 --output-len 128 --out "$out/e2e_b12x2k.jsonl" \
+          2>&1 | tail -1 | cut -c1-260
+      done ;;
+    *) echo "unknown phase $phase"; exit 2 ;;
+  esac
+done
