@@ -23,15 +23,16 @@ for phase in "$@"; do
     profile)
       "${e2e[@]}" --backend prhs --context 32768 --profile "$out/profile_prhs_b12x32k.txt" \
         2>&1 | tail -2 | cut -c1-400 ;;
-    e2e)  # dense, prhs default (float32 summaries), prhs with int8 centroids
-      for run in "--backend dense" "--backend prhs" "--backend prhs --config configs/int8.yaml"; do
-        "${e2e[@]}" $run --context 32768 --out "$out/e2e_b12x32k.jsonl" 2>&1 | tail -1 \
+    e2e)  # 0.95: float32 summaries (19% of the KV bytes) fit 12 x 32K only there
+      for b in dense prhs; do
+        "${e2e[@]}" --backend $b --context 32768 --gpu-memory-utilization 0.95 \
+          --out "$out/e2e_b12x32k.jsonl" 2>&1 | tail -1 \
           | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); r.pop('first_tokens'); print(r)"
       done ;;
-    fallback)  # <= 2K context: prhs runs dense throughout; its cost against the plain backend
-      for b in prhs dense prhs dense; do
-        "${e2e[@]}" --backend $b --context 2000 --output-len 128 --out "$out/e2e_b12x2k.jsonl" \
-          2>&1 | tail -1 | cut -c1-260
+    fallback)  # 1900 + 128 tokens < min_context 2048: prhs runs dense throughout
+      for b in prhs dense; do
+        "${e2e[@]}" --backend $b --context 1900 --output-len 128 --out "$out/e2e_b12x1900.jsonl" \
+          2>&1 | tail -1 | cut -c1-200
       done ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac

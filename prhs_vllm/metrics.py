@@ -108,53 +108,25 @@ class StepStats:
         self, keep_counts, num_pages, est_kept_mass, certified_dropped, true_dropped=None,
         delta: float = 0.0, reused=None,
     ) -> None:  # fmt: skip
-        """Add one layer's selection stats (device tensors, no sync).
+        """Add one layer's selection stats (device tensors, no sync); arguments
+        as ``layer_row_stats``."""
+        row_stats = layer_row_stats(
+            keep_counts, num_pages, est_kept_mass, certified_dropped, true_dropped, delta, reused
+        )
+        self.record_rows(row_stats, keep_counts.shape[1], audited=true_dropped is not None)
 
-        Args:
-            keep_counts: [N, Hkv] int pages kept; num_pages: [N] int pages of context;
-            est_kept_mass, certified_dropped: [N, Hkv] float32.
-            true_dropped: [N, Hkv] float32 from dense attention (audit mode), or None.
-            delta: the layer's target, for the audit's over-delta count.
-            reused: [N, Hkv] bool selections taken from an earlier step, or None.
-        """
-        import torch
-
-        rows, heads = keep_counts.shape
+    def record_rows(self, row_stats, num_kv_heads: int, audited: bool = False) -> None:
+        """Add ``layer_row_stats`` of one layer's rows: one reduction and one add
+        on the device (the rows were summarised inside the step's CUDA graph)."""
+        rows = row_stats.shape[0]
         # Shapes are host ints; creating device scalars from them would copy
         # from the host on every layer, so they are counted on the host.
         self._host["prhs_sparse_layer_rows"] += rows
-        self._host["prhs_head_selections"] += rows * heads
-        scored = torch.ones_like(est_kept_mass, dtype=torch.bool)
-        if reused is not None:
-            scored = ~reused
-        values = torch.stack(
-            [
-                keep_counts.sum().to(torch.float64),
-                (num_pages.sum() * heads).to(torch.float64),
-                ((1.0 - est_kept_mass).clamp(min=0) * scored).sum().to(torch.float64),
-                (certified_dropped * scored).sum().to(torch.float64),
-                *self._audit_values(certified_dropped, true_dropped, delta, scored),
-                (~scored).sum().to(torch.float64),
-                scored.sum().to(torch.float64),
-            ]
-        )
-        if true_dropped is not None:
-            self._host["prhs_audit_selections"] += rows * heads
+        self._host["prhs_head_selections"] += rows * num_kv_heads
+        if audited:
+            self._host["prhs_audit_selections"] += rows * num_kv_heads
+        values = row_stats.sum(0)
         self._device = values if self._device is None else self._device + values
-
-    @staticmethod
-    def _audit_values(certified, true_dropped, delta: float, scored) -> list:
-        import torch
-
-        if true_dropped is None:
-            return [torch.zeros((), dtype=torch.float64, device=certified.device)] * 3
-        # 1e-4: float32 rounding of masses near 1, not a real violation. A reused
-        # selection has no bound to violate.
-        return [
-            true_dropped.sum().to(torch.float64),
-            (true_dropped > delta).sum().to(torch.float64),
-            ((certified < true_dropped - 1e-4) & scored).sum().to(torch.float64),
-        ]
 
     def totals(self) -> dict[str, float]:
         """Current totals (reads device counters: a sync on GPU)."""
@@ -274,3 +246,46 @@ def register_collector() -> None:
         return
     REGISTRY.register(PrhsCollector())
     _COLLECTOR_REGISTERED = True
+
+
+def layer_row_stats(
+    keep_counts, num_pages, est_kept_mass, certified_dropped, true_dropped=None,
+    delta: float = 0.0, reused=None,
+):  # fmt: skip
+    """Per-row contributions to the device counters (``_DEVICE_FIELDS``).
+
+    Device ops only, with no host data: safe inside a CUDA graph.
+
+    Args:
+        keep_counts: [N, Hkv] int pages kept; num_pages: [N] int pages of context;
+        est_kept_mass, certified_dropped: [N, Hkv] float32.
+        true_dropped: [N, Hkv] float32 from dense attention (audit mode), or None.
+        delta: the layer's target, for the audit's over-delta count.
+        reused: [N, Hkv] bool selections taken from an earlier step, or None.
+    Returns:
+        [N, len(_DEVICE_FIELDS)] float64.
+    """
+    import torch
+
+    scored = torch.ones_like(est_kept_mass, dtype=torch.bool) if reused is None else ~reused
+    zeros = torch.zeros_like(est_kept_mass)
+    if true_dropped is None:
+        audit = [zeros, zeros, zeros]
+    else:
+        # 1e-4: float32 rounding of masses near 1, not a real violation. A reused
+        # selection has no bound to violate.
+        audit = [
+            true_dropped,
+            (true_dropped > delta).to(torch.float32),
+            ((certified_dropped < true_dropped - 1e-4) & scored).to(torch.float32),
+        ]
+    columns = [
+        keep_counts,
+        num_pages[:, None].expand_as(keep_counts) * 1.0,
+        (1.0 - est_kept_mass).clamp(min=0) * scored,
+        certified_dropped * scored,
+        *audit,
+        ~scored,
+        scored,
+    ]
+    return torch.stack([c.to(torch.float64).sum(-1) for c in columns], dim=-1)

@@ -358,14 +358,8 @@ class PrhsImplMixin:
             result.out.to(output.dtype)
         )
         if cfg.metrics:
-            self.prhs_stats.record_layer(
-                result.keep_counts,
-                result.num_pages,
-                result.est_kept_mass,
-                result.certified_dropped,
-                result.true_dropped,
-                params.delta,
-                result.reused,
+            self.prhs_stats.record_rows(
+                result.row_stats, self.num_kv_heads, audited=result.true_dropped is not None
             )
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prhs_vllm import ops
+from prhs_vllm import metrics, ops
 from prhs_vllm.backend.reuse import ReuseConfig, ReuseState
 from prhs_vllm.ops import SelectionParams, dropped_mass_upper_bound
 from prhs_vllm.ops.ref import exact_page_logits
@@ -28,7 +28,10 @@ SLOT_QUANTUM = 512  # page slots per context bucket (8K tokens at 16-token pages
 class StepResult:
     """out: [N, Hq, D]; keep: [N, Hkv, M] bool; keep_counts: [N, Hkv] pages kept;
     num_pages: [N]; est_kept_mass, certified_dropped, true_dropped: [N, Hkv]
-    float32 (certified None without metrics, true None outside audit mode)."""
+    float32 (certified None without metrics, true None outside audit mode);
+    reused: [N, Hkv] bool or None; row_stats: [N, K] float64
+    ``metrics.layer_row_stats`` (None without metrics), computed inside the
+    step so that a replayed graph leaves one reduction to the host side."""
 
     out: torch.Tensor
     keep: torch.Tensor
@@ -38,6 +41,7 @@ class StepResult:
     certified_dropped: torch.Tensor | None
     true_dropped: torch.Tensor | None = None
     reused: torch.Tensor | None = None
+    row_stats: torch.Tensor | None = None
 
     def rows(self, n: int) -> StepResult:
         """The first n rows (graph buckets are padded)."""
@@ -132,15 +136,15 @@ def sparse_step(
     true = None
     if audit:
         true = true_dropped_mass(query, key_cache, block_table, seq_lens, keep, params.scale)
+    counts = keep.sum(-1)
+    reused = reused if reuse is not None else None
+    row_stats = None
+    if with_metrics:
+        row_stats = metrics.layer_row_stats(
+            counts, selection.num_pages, est_kept, certified, true, params.delta, reused
+        )
     return StepResult(
-        out,
-        keep,
-        keep.sum(-1),
-        selection.num_pages,
-        est_kept,
-        certified,
-        true,
-        reused if reuse is not None else None,
+        out, keep, counts, selection.num_pages, est_kept, certified, true, reused, row_stats
     )
 
 

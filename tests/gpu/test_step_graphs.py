@@ -52,6 +52,11 @@ def test_graph_replay_equals_eager(with_metrics):
         torch.testing.assert_close(got.est_kept_mass, want.est_kept_mass, atol=1e-4, rtol=1e-4)
         if with_metrics:
             torch.testing.assert_close(got.certified_dropped, want.certified_dropped)
+            # Summarised inside the graph: padded rows are cut, not counted.
+            assert got.row_stats.shape == want.row_stats.shape == (num_rows, 9)
+            torch.testing.assert_close(got.row_stats, want.row_stats, atol=1e-4, rtol=1e-5)
+        else:
+            assert got.row_stats is None
     assert len(graphs._graphs) >= 2, "row/context buckets should have been captured"
 
 
