@@ -107,6 +107,7 @@ def main() -> None:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
         dtype="bfloat16",
+        disable_log_stats=False,  # llm.get_metrics() (preemptions) needs the stat loggers
     )
     if dummy:
         kwargs.update(load_format="dummy", skip_tokenizer_init=True)
