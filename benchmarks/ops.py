@@ -5,6 +5,7 @@ compaction and attention, exactly as the backend runs them (`prhs_vllm.ops`)
 LLaMA-3-8B attention (32 query / 8 KV heads, d=128, 16-token pages, bf16),
 fixed-budget selection (delta=0: keep up to the cap), random keys. "selection"
 is the fused Triton kernel (keep mask and compacted slot lists in one launch);
+"selection_k16" the same kernel with a 16-ary threshold search (a launch option),
 "selection_torch" the torch path it replaced, for comparison. Each time is
 the median over CUDA-graph replays (graphs hold several calls over distinct
 page sets, so reads come from HBM); "eager" re-times the whole step without a
@@ -40,6 +41,7 @@ from prhs_vllm import ops  # noqa: E402
 from prhs_vllm.ops.ref.selection import SelectionParams, select_from_logits  # noqa: E402
 from prhs_vllm.ops.ref.sparse_decode_indexed import compact_keep  # noqa: E402
 from prhs_vllm.ops.triton import select_compact  # noqa: E402
+from prhs_vllm.ops.triton.selection import _select_compact  # noqa: E402
 
 COPY_CEILING_GBS = 3040.0
 SUMMARY_BYTES = 3 * 4 * HEAD_DIM  # float32 sum, min, max per page and KV head
@@ -119,6 +121,9 @@ def bench(batch: int, context: int, budget: int, l2: int, replays: int, gen, fla
     def selection():  # fused: keep mask, compacted slot lists, kept mass, dropped bound
         return select_compact(logits, seq, params)
 
+    def selection_k16():  # the same kernel, 16 thresholds a round (8 rounds, not 31)
+        return _select_compact(logits, seq, params, search=16)
+
     def selection_torch():  # the torch path it replaced (select_from_logits + compact_keep)
         return compact_keep(select_from_logits(logits, seq, params).keep)
 
@@ -142,6 +147,7 @@ def bench(batch: int, context: int, budget: int, l2: int, replays: int, gen, fla
     for name, fn in [
         ("scoring", scoring),
         ("selection", selection),
+        ("selection_k16", selection_k16),
         ("selection_torch", selection_torch),
         ("attention", attention),
         ("whole", whole),
@@ -197,7 +203,8 @@ def main() -> None:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     flash, why = load_flash_attn()
     rows = []
-    cols = ["scoring", "selection", "selection_torch", "attention", "whole", "whole_eager"]
+    cols = ["scoring", "selection", "selection_k16", "selection_torch", "attention", "whole"]
+    cols += ["whole_eager"]
     print("batch context budget kept " + " ".join(f"{c}_ms" for c in cols) + " fa3_ms fi_ms x_fa3")
     for batch in args.batches:
         for context in args.contexts:

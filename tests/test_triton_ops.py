@@ -341,7 +341,7 @@ def selection_logits(gen, num_rows, num_kv_heads, group, num_slots, block_size, 
 
 
 def check_select_compact(gen, device, num_rows=5, num_kv_heads=3, group=4, num_slots=37,
-                         block_size=16, ties=False, etf=False, **knobs):  # fmt: skip
+                         block_size=16, ties=False, etf=False, search=2, **knobs):  # fmt: skip
     """Triton select_compact vs the reference, compared by what the pages score.
 
     Where ranks tie (``ties``), both must keep the same pages (lower slots
@@ -351,7 +351,7 @@ def check_select_compact(gen, device, num_rows=5, num_kv_heads=3, group=4, num_s
     from prhs_vllm.ops.ref.compact_selection import select_compact as ref_select
     from prhs_vllm.ops.ref.selection import SelectionParams, _blocks, mandatory_pages, rank_mass
     from prhs_vllm.ops.ref.sparse_decode_indexed import compact_keep
-    from prhs_vllm.ops.triton import select_compact
+    from prhs_vllm.ops.triton.selection import _select_compact
 
     logits, seq_lens = selection_logits(
         gen, num_rows, num_kv_heads, group, num_slots, block_size, device, ties
@@ -366,7 +366,7 @@ def check_select_compact(gen, device, num_rows=5, num_kv_heads=3, group=4, num_s
         prev = prev.to(device)[..., 1:]  # a strided view, wider than M
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # -inf - -inf (interpreter)
-        got = select_compact(logits, seq_lens, params, prev_keep=prev)
+        got = _select_compact(logits, seq_lens, params, prev_keep=prev, search=search)
         want = ref_select(logits, seq_lens, params, prev_keep=prev)
     shape = (num_rows, num_kv_heads, num_slots)
     assert got.keep.shape == shape and got.keep.dtype == torch.bool
@@ -622,6 +622,14 @@ def test_select_compact_ties_keep_lower_slots(gen, case):
 )
 def test_select_compact_odd_shapes(gen, num_rows, num_kv_heads, group, num_slots):
     check_select_compact(gen, "cpu", num_rows, num_kv_heads, group, num_slots, delta=0.1)
+
+
+@interpreted
+@pytest.mark.parametrize("case", ["budget", "delta", "blocks-per-head", "tiny-budget"])
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+def test_select_compact_16ary_search(gen, case, ties):
+    """The 16-thresholds-a-round search (a launch option) keeps what bisection keeps."""
+    check_select_compact(gen, "cpu", ties=ties, search=16, **SELECT_CASES[case])
 
 
 @interpreted

@@ -180,6 +180,12 @@ def test_select_compact(gen, case, num_rows, num_kv_heads, group, num_slots):
     check_select_compact(gen, DEVICE, num_rows, num_kv_heads, group, num_slots, **knobs)
 
 
+@pytest.mark.parametrize("case", ["budget", "delta", "blocks-per-head", "tiny-budget"])
+def test_select_compact_16ary_search(gen, case):
+    check_select_compact(gen, DEVICE, 16, 8, 4, 2048, search=16, **SELECT_CASES[case])
+    check_select_compact(gen, DEVICE, 4, 3, 4, 700, ties=True, search=16, **SELECT_CASES[case])
+
+
 @pytest.mark.parametrize("case", ["budget", "delta", "blocks-per-head", "etf"])
 def test_select_compact_ties(gen, case):
     check_select_compact(gen, DEVICE, 4, 3, 4, 700, ties=True, **SELECT_CASES[case])

@@ -37,6 +37,14 @@ from prhs_vllm.ops.ref.selection import (
 _KEY_MAX = tl.constexpr(0x7F800001)  # bits of +inf, plus one: above every block key
 
 
+def _search_rounds(arity: int) -> int:
+    """Rounds that shrink a range of _KEY_MAX + 1 values to one, arity-ary."""
+    size, rounds = 0x7F800002, 0
+    while size > 1:
+        size, rounds = -(-size // arity), rounds + 1
+    return rounds
+
+
 @triton.jit
 def _group_mass(x, valid, GROUP: tl.constexpr):
     """exp(x - max) / sum over the tile, divided by GROUP; 0 where the tile is all -inf."""
@@ -95,8 +103,11 @@ def _select_kernel(
     USE_WINDOW: tl.constexpr,
     HAS_PREV: tl.constexpr,
     HAS_HEADS: tl.constexpr,
+    SEARCH: tl.constexpr,
+    SEARCH_ROUNDS: tl.constexpr,
 ):
-    """Grid (N, heads of this block size). Outputs are contiguous:
+    """Grid (N, heads of this block size). SEARCH: 2 (bisection) or a larger
+    power of 2 (that many thresholds per round, fewer rounds). Outputs are contiguous:
     keep [N, Hkv, M] uint8, slots [N, Hkv, M] int32, count and kept_mass
     [N, Hkv], bound_lse [N, Hkv, GROUP]."""
     n = tl.program_id(0).to(tl.int64)
@@ -162,14 +173,30 @@ def _select_kernel(
     # with their estimated mass below 1 - delta.
     lo = tl.zeros([], tl.int32)
     hi = tl.full([], _KEY_MAX, tl.int32)
-    for _ in range(31):
-        mid = lo + (hi - lo) // 2
-        above = key > mid
-        ok = tl.sum(tl.where(above, block_pages, 0), axis=0) <= room
-        if USE_DELTA:
-            ok = ok & (tl.sum(tl.where(above, block_stop, 0.0), axis=0) < limit_mass)
-        hi = tl.where(ok, mid, hi)
-        lo = tl.where(ok, lo, mid + 1)
+    if SEARCH == 2:  # bisection: 31 rounds of one block-wide reduction
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            above = key > mid
+            ok = tl.sum(tl.where(above, block_pages, 0), axis=0) <= room
+            if USE_DELTA:
+                ok = ok & (tl.sum(tl.where(above, block_stop, 0.0), axis=0) < limit_mass)
+            hi = tl.where(ok, mid, hi)
+            lo = tl.where(ok, lo, mid + 1)
+    else:  # SEARCH-ary: fewer rounds, SEARCH thresholds tested per round
+        probe = tl.arange(0, SEARCH)
+        for _ in range(SEARCH_ROUNDS):
+            step = (hi - lo) // SEARCH + 1  # ceil of the range size / SEARCH
+            cut = tl.minimum(lo + (probe + 1) * step - 1, hi)  # [SEARCH], the last is hi
+            above = key[:, None] > cut[None, :]
+            ok = tl.sum(tl.where(above, block_pages[:, None], 0), axis=0) <= room
+            if USE_DELTA:
+                mass = tl.sum(tl.where(above, block_stop[:, None], 0.0), axis=0)
+                ok = ok & (mass < limit_mass)
+            first = tl.min(tl.where(ok, probe, SEARCH), axis=0)
+            # None fits (only possible at hi = _KEY_MAX): the search ends at hi.
+            new_lo = tl.where(first < SEARCH, lo + first * step, hi)
+            hi = tl.where(first < SEARCH, tl.minimum(lo + (first + 1) * step - 1, hi), hi)
+            lo = new_lo
     above = key > hi
     taken_pages = tl.sum(tl.where(above, block_pages, 0), axis=0)
     taken_mass = tl.sum(tl.where(above, block_stop, 0.0), axis=0)
@@ -252,6 +279,14 @@ def select_compact(
         num_pages [N] int64, kept_slots [N, Hkv, M] int32 (ascending, then -1),
         num_kept [N, Hkv] int32, dropped_bound_lse [N, Hkv, G] float32.
     """
+    return _select_compact(logits, seq_lens, params, prev_keep, search=2)
+
+
+def _select_compact(logits, seq_lens, params, prev_keep=None, *, search: int) -> Selection:
+    """``select_compact`` with the threshold search's arity (tests and benchmark
+    sweeps): 2 bisects (31 rounds), 16 tests 16 thresholds a round (8 rounds)."""
+    if search < 2 or search & (search - 1):
+        raise ValueError(f"search arity must be a power of 2 >= 2, got {search}")
     reason = unsupported_reason(params)
     if reason is not None:
         raise ValueError(f"select_compact does not cover {reason}")
@@ -293,6 +328,8 @@ def select_compact(
                 USE_WINDOW=params.window_start > 0,
                 HAS_PREV=etf,
                 HAS_HEADS=heads is not None,
+                SEARCH=search,
+                SEARCH_ROUNDS=_search_rounds(search),
                 num_warps=num_warps,
             )  # fmt: skip
     return Selection(
