@@ -104,17 +104,6 @@ class StepStats:
         self._host["prhs_sparse_decode_tokens"] += sparse_rows
         self._host["prhs_dense_decode_tokens"] += dense_decode_rows
 
-    def record_layer(
-        self, keep_counts, num_pages, est_kept_mass, certified_dropped, true_dropped=None,
-        delta: float = 0.0, reused=None,
-    ) -> None:  # fmt: skip
-        """Add one layer's selection stats (device tensors, no sync); arguments
-        as ``layer_row_stats``."""
-        row_stats = layer_row_stats(
-            keep_counts, num_pages, est_kept_mass, certified_dropped, true_dropped, delta, reused
-        )
-        self.record_rows(row_stats, keep_counts.shape[1], audited=true_dropped is not None)
-
     def record_rows(self, row_stats, num_kv_heads: int, audited: bool = False) -> None:
         """Add ``layer_row_stats`` of one layer's rows: one reduction and one add
         on the device (the rows were summarised inside the step's CUDA graph)."""

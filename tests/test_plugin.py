@@ -203,12 +203,13 @@ def test_worker_flush_round_trips_through_collector(tmp_path, monkeypatch):
     monkeypatch.setenv(metrics.STATS_DIR_ENV, str(tmp_path / "stats"))
     stats = metrics.StepStats()
     stats.record_step(sparse_rows=3, dense_decode_rows=2)
-    stats.record_layer(
+    row_stats = metrics.layer_row_stats(
         keep_counts=torch.tensor([[2, 3], [4, 1], [2, 2]]),
         num_pages=torch.tensor([8, 8, 5]),
         est_kept_mass=torch.full((3, 2), 0.9),
         certified_dropped=torch.full((3, 2), 0.2),
     )
+    stats.record_rows(row_stats, num_kv_heads=2)
     stats.maybe_flush(force=True)
     totals = metrics.read_totals()
     assert totals["prhs_sparse_steps"] == 1

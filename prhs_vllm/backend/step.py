@@ -88,6 +88,7 @@ def sparse_step(
         audit: also compute the true dropped mass (dense work).
         reuse: the layer's reuse state and knobs (time axis), or None.
     """
+    reused = None  # [N, Hkv] bool with reuse: selections taken from an earlier step
     if reuse is not None:
         state, reuse_cfg = reuse
         block_size = key_cache.shape[2]
@@ -104,7 +105,7 @@ def sparse_step(
         num_slots,
         key_cache=key_cache,
         prev_keep=prev_keep,
-        skip=reused if reuse is not None else None,
+        skip=reused,
     )
     keep, est_kept = selection.keep, selection.est_kept_mass
     compact = None
@@ -137,7 +138,6 @@ def sparse_step(
     if audit:
         true = true_dropped_mass(query, key_cache, block_table, seq_lens, keep, params.scale)
     counts = keep.sum(-1)
-    reused = reused if reuse is not None else None
     row_stats = None
     if with_metrics:
         row_stats = metrics.layer_row_stats(

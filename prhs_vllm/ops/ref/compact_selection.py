@@ -30,6 +30,13 @@ def unsupported_reason(params: SelectionParams) -> str | None:
     return None
 
 
+def require_supported(params: SelectionParams) -> None:
+    """Raises ValueError naming what ``select_compact`` does not cover in ``params``."""
+    reason = unsupported_reason(params)
+    if reason is not None:
+        raise ValueError(f"select_compact does not cover {reason}")
+
+
 def select_compact(
     logits: PageLogits,
     seq_lens: torch.Tensor,
@@ -50,9 +57,7 @@ def select_compact(
     Raises:
         ValueError: params this op does not cover.
     """
-    reason = unsupported_reason(params)
-    if reason is not None:
-        raise ValueError(f"select_compact does not cover {reason}")
+    require_supported(params)
     selection = select_from_logits(logits, seq_lens, params, prev_keep=prev_keep)
     kept_slots, num_kept = compact_keep(selection.keep)
     return dataclasses.replace(

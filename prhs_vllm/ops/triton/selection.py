@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from prhs_vllm.ops.ref.compact_selection import unsupported_reason
+from prhs_vllm.ops.ref.compact_selection import require_supported
 from prhs_vllm.ops.ref.selection import (
     ESTIMATORS,
     PageLogits,
@@ -287,9 +287,7 @@ def _select_compact(logits, seq_lens, params, prev_keep=None, *, search: int) ->
     sweeps): 2 bisects (31 rounds), 16 tests 16 thresholds a round (8 rounds)."""
     if search < 2 or search & (search - 1):
         raise ValueError(f"search arity must be a power of 2 >= 2, got {search}")
-    reason = unsupported_reason(params)
-    if reason is not None:
-        raise ValueError(f"select_compact does not cover {reason}")
+    require_supported(params)
     est, upper, lower = logits
     if not (est.stride() == upper.stride() == lower.stride()):
         raise ValueError("est, upper and lower must share strides")
