@@ -17,7 +17,11 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent
-SOURCES = ["csrc/torch_bindings.cpp", "csrc/sparse_decode/sparse_decode_launcher.cu"]
+SOURCES = [
+    "csrc/torch_bindings.cpp",
+    "csrc/sparse_decode/sparse_decode_launcher.cu",
+    "csrc/summaries/update_summaries_launcher.cu",
+]
 ARCH_FLAGS = [
     "-gencode=arch=compute_90a,code=sm_90a",
     "-gencode=arch=compute_80,code=[sm_80,compute_80]",

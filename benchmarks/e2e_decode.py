@@ -168,7 +168,14 @@ def main() -> None:
     try:
         from prhs_vllm.metrics import read_totals
 
-        result["prhs_totals"] = read_totals()
+        totals = read_totals()
+        result["prhs_totals"] = totals
+        if totals and totals.get("prhs_sparse_decode_tokens"):
+            # Sparse layers each sparse decode token ran through the prhs step:
+            # short of the model's sparse layers if a graph replayed a sparse step dense.
+            result["sparse_layers_per_token"] = round(
+                totals["prhs_sparse_layer_rows"] / totals["prhs_sparse_decode_tokens"], 3
+            )
     except ImportError:
         pass
     print(json.dumps(result))

@@ -33,7 +33,13 @@ for phase in "$@"; do
       for b in prhs dense; do
         "${e2e[@]}" --backend $b --context 1900 --output-len 128 --out "$out/e2e_b12x1900.jsonl" \
           2>&1 | tail -1 | cut -c1-200
-      done ;;
+      done
+      python3 - "$out/e2e_b12x1900.jsonl" <<'EOF'
+import json, sys
+runs = [json.loads(line) for line in open(sys.argv[1])][-2:]
+print("fallback: prhs tokens == dense tokens:", runs[0]["first_tokens"] == runs[1]["first_tokens"])
+EOF
+      ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
 done

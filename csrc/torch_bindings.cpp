@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "sparse_decode/sparse_decode_launcher.h"
+#include "summaries/update_summaries_launcher.h"
 
 TORCH_LIBRARY(prhs, m) {
   m.def(
@@ -17,9 +18,15 @@ TORCH_LIBRARY(prhs, m) {
       "sparse_paged_decode_plan(int num_rows, int num_q_heads, int num_kv_heads, int head_dim, "
       "int block_size, int max_kept, ScalarType dtype, int device_index) -> int[]",
       &sparse_paged_decode_plan);
+  m.def(
+      "update_page_summaries(Tensor key, Tensor slot_mapping, int block_size, "
+      "Tensor(a!) key_sum, Tensor(b!) key_min, Tensor(c!) key_max) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(prhs, CUDA, m) { m.impl("sparse_paged_decode", &sparse_paged_decode); }
+TORCH_LIBRARY_IMPL(prhs, CUDA, m) {
+  m.impl("sparse_paged_decode", &sparse_paged_decode);
+  m.impl("update_page_summaries", &update_page_summaries);
+}
 
 // The ops register when the library loads; the module itself is empty.
 extern "C" PyObject* PyInit__C(void) {

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CI check of csrc/ without torch or a GPU: compiles every sparse decode kernel
+# CI check of csrc/ without torch or a GPU: compiles every kernel
 # instance (csrc/check/compile_check.cu) for sm_90a and sm_80 with nvcc and
 # prints ptxas' registers / spills per kernel. Exits non-zero on a compile
 # error or a register spill, 0 with "skipped" when nvcc is absent.
@@ -37,6 +37,10 @@ import re, sys
 def pretty(mangled):
     """_ZN4prhs13sparse_decode26sparse_decode_split_kernelI13__nv_bfloat16Li128ELi4EEEv...
     -> sparse_decode_split_kernel<bf16, 128, 4>"""
+    summary = re.search(r"update_summaries_kernelI(13__nv_bfloat16|6__half|f)([il])E", mangled)
+    if summary:
+        key = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}[summary.group(1)]
+        return f"update_summaries_kernel<{key}, int{32 if summary.group(2) == 'i' else 64}>"
     kernel = re.search(r"sparse_decode\d+(\w+?_kernel)I", mangled)
     if not kernel:
         return mangled

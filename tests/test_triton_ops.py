@@ -79,10 +79,18 @@ def strided_keys(gen, num_tokens, num_kv_heads, head_dim, dtype, device):
     return packed.to(dtype).to(device)[..., :head_dim]
 
 
-def padded_slot_mapping(gen, slots, num_pad):
-    """Insert ``num_pad`` -1 entries at random positions of ``slots``."""
+def padded_slot_mapping(gen, slots, num_pad, in_order=False):
+    """``slots`` and ``num_pad`` -1 entries, all shuffled; ``in_order``: the -1
+    entries at random positions, the slots in their order (vLLM's layout)."""
     out = torch.cat([slots, torch.full((num_pad,), -1, dtype=torch.long)])
-    return out[torch.randperm(len(out), generator=gen)]
+    order = torch.randperm(len(out), generator=gen)
+    if in_order:
+        is_pad = torch.zeros(len(out), dtype=torch.bool)
+        is_pad[order[:num_pad]] = True
+        out = torch.full((len(out),), -1, dtype=torch.long)
+        out[~is_pad] = slots
+        return out
+    return out[order]
 
 
 # --------------------------------------------------------------------------- checks
@@ -104,15 +112,19 @@ def assert_same_summaries(got, want, where=""):
     assert torch.equal(got[2], want[2]), f"key_max {where}"
 
 
-def run_summary_steps(gen, steps, key_rows, num_pages, num_kv_heads, head_dim, block_size, dtype):
-    """Apply the same update calls to a Triton and a reference copy; compare after each.
+def run_summary_steps(
+    gen, steps, key_rows, num_pages, num_kv_heads, head_dim, block_size, dtype, update=None
+):
+    """Apply the same update calls to a kernel's and a reference copy; compare after each.
 
     Args:
         steps: list of [T'] int64 slot mappings (may hold -1), one per call.
         key_rows: extra key rows past each slot mapping (padding rows to ignore).
+        update: the kernel (default: the Triton update_page_summaries).
     """
     from prhs_vllm.ops.triton import update_page_summaries
 
+    update_page_summaries = update or update_page_summaries
     device = steps[0].device
     want = garbage_summaries(gen, num_pages, num_kv_heads, head_dim, device)
     got = tuple(x.clone() for x in want)
@@ -123,16 +135,21 @@ def run_summary_steps(gen, steps, key_rows, num_pages, num_kv_heads, head_dim, b
         assert_same_summaries(got, want, where=f"after call {i}")
 
 
-def check_summaries_one_call(gen, num_kv_heads, head_dim, block_size, dtype, lens, device):
-    """Several requests prefilled in one call: shuffled tokens, -1 padding, stale pages."""
+def check_summaries_one_call(
+    gen, num_kv_heads, head_dim, block_size, dtype, lens, device, update=None, in_order=False
+):
+    """Several requests prefilled in one call: shuffled tokens (``in_order``:
+    vLLM's order), -1 padding anywhere, stale pages."""
     num_pages = 1 + sum(cdiv(n, block_size) for n in lens) + 3
     rows = random_pages(gen, lens, block_size, num_pages)
     slots = torch.cat([slots_for(p, 0, n, block_size) for p, n in zip(rows, lens, strict=True)])
-    slots = padded_slot_mapping(gen, slots, num_pad=5).to(device)
-    run_summary_steps(gen, [slots], 7, num_pages, num_kv_heads, head_dim, block_size, dtype)
+    slots = padded_slot_mapping(gen, slots, num_pad=5, in_order=in_order).to(device)
+    run_summary_steps(gen, [slots], 7, num_pages, num_kv_heads, head_dim, block_size, dtype, update)
 
 
-def check_summaries_recycled_pages(gen, num_kv_heads, head_dim, block_size, dtype, device):
+def check_summaries_recycled_pages(
+    gen, num_kv_heads, head_dim, block_size, dtype, device, update=None, in_order=False
+):
     """A served batch over several calls: chunked prefill, decode, a finished request's
     pages recycled (from offset 0) by a new request in the same call as decodes."""
     bs = block_size
@@ -155,8 +172,8 @@ def check_summaries_recycled_pages(gen, num_kv_heads, head_dim, block_size, dtyp
         [(pages_c, bs + 7, bs - 6), (pages_b, 7, 1)],
     ]
     steps = [torch.cat([slots_for(p, start, n, bs) for p, start, n in step]) for step in steps]
-    steps = [padded_slot_mapping(gen, s, num_pad=2).to(device) for s in steps]
-    run_summary_steps(gen, steps, 3, num_pages, num_kv_heads, head_dim, block_size, dtype)
+    steps = [padded_slot_mapping(gen, s, num_pad=2, in_order=in_order).to(device) for s in steps]
+    run_summary_steps(gen, steps, 3, num_pages, num_kv_heads, head_dim, block_size, dtype, update)
 
 
 def scoring_inputs(gen, group, head_dim, block_size, lens, dtype, device, num_kv_heads=2):
@@ -341,7 +358,8 @@ def selection_logits(gen, num_rows, num_kv_heads, group, num_slots, block_size, 
 
 
 def check_select_compact(gen, device, num_rows=5, num_kv_heads=3, group=4, num_slots=37,
-                         block_size=16, ties=False, etf=False, search=2, **knobs):  # fmt: skip
+                         block_size=16, ties=False, etf=False, search=2, with_bound=True,
+                         **knobs):  # fmt: skip
     """Triton select_compact vs the reference, compared by what the pages score.
 
     Where ranks tie (``ties``), both must keep the same pages (lower slots
@@ -366,8 +384,10 @@ def check_select_compact(gen, device, num_rows=5, num_kv_heads=3, group=4, num_s
         prev = prev.to(device)[..., 1:]  # a strided view, wider than M
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # -inf - -inf (interpreter)
-        got = _select_compact(logits, seq_lens, params, prev_keep=prev, search=search)
-        want = ref_select(logits, seq_lens, params, prev_keep=prev)
+        got = _select_compact(
+            logits, seq_lens, params, prev_keep=prev, with_bound=with_bound, search=search
+        )
+        want = ref_select(logits, seq_lens, params, prev_keep=prev, with_bound=with_bound)
     shape = (num_rows, num_kv_heads, num_slots)
     assert got.keep.shape == shape and got.keep.dtype == torch.bool
     assert got.bound_logits is None
@@ -392,6 +412,9 @@ def check_select_compact(gen, device, num_rows=5, num_kv_heads=3, group=4, num_s
     torch.testing.assert_close(
         got.est_kept_mass, want.est_kept_mass, atol=10 * t.mass_atol, rtol=1e-5
     )
+    if not with_bound:
+        assert got.dropped_bound_lse is None and want.dropped_bound_lse is None
+        return got, want
     torch.testing.assert_close(
         got.dropped_bound_lse, want.dropped_bound_lse, atol=t.lse_atol, rtol=1e-5
     )
@@ -633,6 +656,13 @@ def test_select_compact_16ary_search(gen, case, ties):
 
 
 @interpreted
+@pytest.mark.parametrize("case", ["delta", "blocks-per-head"])
+def test_select_compact_without_bound(gen, case):
+    """Metrics off: the dropped-bound pass is skipped, the selection is the same."""
+    check_select_compact(gen, "cpu", with_bound=False, **SELECT_CASES[case])
+
+
+@interpreted
 def test_select_compact_no_slots():
     from prhs_vllm.ops.ref.selection import PageLogits, SelectionParams
     from prhs_vllm.ops.triton import select_compact
@@ -661,3 +691,306 @@ def test_select_compact_rejects_what_it_does_not_cover():
 @pytest.mark.parametrize("bits", [8, 4])
 def test_page_logits_quantized(gen, bits):
     check_page_logits_quantized(gen, bits, 2, 32, [0, 5, 40, 70], "cpu")
+
+
+# --------------------------------------------------------------------------- quantized summaries
+
+
+def stale_quantized(gen, num_pages, num_kv_heads, head_dim, bits, device):
+    """(QuantizedCentroids, key_min, key_max) of earlier occupants: random codes in
+    random bfloat16 boxes, so a run that starts mid-page merges with a real old state."""
+    from prhs_vllm.ops.ref.quant import QuantizedCentroids, code_bytes
+
+    shape = (num_pages, num_kv_heads, head_dim)
+    key_min = torch.randn(shape, generator=gen) - 3.0
+    key_max = (key_min + 0.5 + 6.0 * torch.rand(shape, generator=gen)).to(torch.bfloat16)
+    key_min = key_min.to(torch.bfloat16)
+    codes = torch.randint(0, 256, (num_pages, num_kv_heads, code_bytes(head_dim, bits)),
+                          generator=gen, dtype=torch.uint8)  # fmt: skip
+    return QuantizedCentroids(codes.to(device), bits), key_min.to(device), key_max.to(device)
+
+
+def clone_quantized(state):
+    centroids, key_min, key_max = state
+    codes = type(centroids)(centroids.codes.clone(), centroids.bits)
+    return codes, key_min.clone(), key_max.clone()
+
+
+def unpack_codes(codes, bits):
+    """[..., D * bits / 8] uint8 -> [..., D] int32 levels."""
+    codes = codes.to(torch.int32)
+    if bits == 8:
+        return codes
+    return torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2)
+
+
+def assert_same_quantized(got, want, exact, where=""):
+    """Triton vs reference quantized summaries (centroids, key_min, key_max).
+
+    Boxes must be bit-identical (compared as bit patterns, so -0.0, subnormals and
+    +-inf count): they come from min / max and the outward bf16 rounding only.
+
+    Codes: the kernel does the reference's float32 operations in the reference's
+    order (sum in slot order, IEEE division, no fused multiply-add), so where the
+    reference also sums in slot order -- on CPU, ``exact`` -- they must be equal,
+    which also pins torch.round's ties-to-even. On CUDA the reference sums a page's
+    keys with atomics (another order) and divides by the scalar ``levels`` through
+    its reciprocal: a centroid next to a rounding boundary may land on the
+    neighbouring level, so codes may differ by one level and the decoded centroids
+    by one quantization step ((max - min) / levels), never more (a difference carried
+    into a later call is diluted by the larger count and the box only widens).
+    Codes are compared where the box is finite (an infinite box has no centroid).
+    """
+    from prhs_vllm.ops.ref.quant import decode_centroids
+
+    (got_c, got_min, got_max), (want_c, want_min, want_max) = got, want
+    bits = want_c.bits
+    assert got_c.bits == bits
+    assert torch.equal(got_min.view(torch.int16), want_min.view(torch.int16)), f"key_min {where}"
+    assert torch.equal(got_max.view(torch.int16), want_max.view(torch.int16)), f"key_max {where}"
+    finite = torch.isfinite(want_min) & torch.isfinite(want_max)
+    diff = (unpack_codes(got_c.codes, bits) - unpack_codes(want_c.codes, bits)).abs()[finite]
+    worst = int(diff.max()) if diff.numel() else 0
+    assert worst <= (0 if exact else 1), f"codes {where}: {worst} levels apart"
+    step = ((want_max.float() - want_min.float()) / ((1 << bits) - 1))[finite]
+    got_dec = decode_centroids(got_c.codes, got_min, got_max, bits)[finite]
+    want_dec = decode_centroids(want_c.codes, want_min, want_max, bits)[finite]
+    assert ((got_dec - want_dec).abs() <= step * (1 + 1e-5)).all(), f"centroids {where}"
+
+
+def with_padding(gen, runs, num_pad):
+    """Concatenate per-request slot runs with ``num_pad`` -1 entries spread between
+    and after them (a page's run is never split: the kernel's adjacency contract)."""
+    gaps = torch.randint(0, len(runs) + 1, (num_pad,), generator=gen).tolist()
+    parts = []
+    for i, run in enumerate([*runs, torch.empty(0, dtype=torch.long)]):
+        parts += [torch.full((gaps.count(i),), -1, dtype=torch.long), run]
+    return torch.cat(parts)
+
+
+def run_quantized_steps(
+    gen, steps, key_rows, num_pages, num_kv_heads, head_dim, block_size, bits, dtype
+):
+    """Apply the same update calls to a Triton and a reference copy of stale quantized
+    summaries; compare after each call.
+
+    Returns the Triton state and float32 summaries (``ref.update_page_summaries``) of
+    the same writes. ``key_rows``: extra key rows past each slot mapping (ignored).
+    """
+    from prhs_vllm.ops.ref.quant import update_quantized_summaries as ref_update
+    from prhs_vllm.ops.triton import update_quantized_summaries
+
+    device = steps[0].device
+    want = stale_quantized(gen, num_pages, num_kv_heads, head_dim, bits, device)
+    got = clone_quantized(want)
+    floats = garbage_summaries(gen, num_pages, num_kv_heads, head_dim, device)
+    for i, slots in enumerate(steps):
+        key = 3.0 * strided_keys(gen, len(slots) + key_rows, num_kv_heads, head_dim, dtype, device)
+        update_quantized_summaries(key, slots, block_size, *got)
+        ref_update(key, slots, block_size, *want)
+        ref_update_page_summaries(key, slots, block_size, *floats)
+        assert_same_quantized(got, want, device.type == "cpu", where=f"after call {i}")
+    return got, floats
+
+
+def check_quantized_one_call(gen, bits, num_kv_heads, head_dim, block_size, dtype, requests,
+                             device):  # fmt: skip
+    """One call, requests (start, count) on their own pages: runs from offset 0 (reset)
+    or mid-page (merged with the stale old state), crossing pages, -1 padding."""
+    lens = [start + count for start, count in requests]
+    num_pages = 1 + sum(cdiv(n, block_size) for n in lens) + 3
+    rows = random_pages(gen, lens, block_size, num_pages)
+    runs = [slots_for(p, s, n, block_size) for p, (s, n) in zip(rows, requests, strict=True)]
+    slots = with_padding(gen, runs, 5).to(device)
+    run_quantized_steps(gen, [slots], 3, num_pages, num_kv_heads, head_dim, block_size, bits, dtype)
+
+
+def check_quantized_recycled_pages(gen, bits, num_kv_heads, head_dim, block_size, dtype,
+                                   device):  # fmt: skip
+    """Chunked prefill, decodes, a finished request's pages taken over (from offset 0)
+    in another order while others decode (``check_summaries_recycled_pages``)."""
+    bs = block_size
+    num_pages = 24
+    free = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
+    pages_a, pages_b = free[:4], free[4:7]
+    pages_c = [pages_a[2], pages_a[0], pages_a[3]]
+    steps = [
+        [(pages_a, 0, bs + 5)],
+        [(pages_a, bs + 5, bs - 2), (pages_b, 0, 3)],
+        [(pages_b, 3, 1), (pages_a, 2 * bs + 3, bs - 3)],
+        [(pages_a, 3 * bs, 1), (pages_b, 4, 1)],
+        [(pages_b, 5, 1), (pages_c, 0, bs + 7)],
+        [(pages_c, bs + 7, bs - 6), (pages_b, 6, 1)],
+    ]
+    steps = [[slots_for(p, start, n, bs) for p, start, n in step] for step in steps]
+    steps = [with_padding(gen, runs, 2).to(device) for runs in steps]
+    run_quantized_steps(gen, steps, 3, num_pages, num_kv_heads, head_dim, bs, bits, dtype)
+
+
+def check_quantized_decode_drift(gen, bits, num_kv_heads, head_dim, block_size, dtype, device,
+                                 num_requests=3):  # fmt: skip
+    """Pages filled token by token over 2 * block_size decode calls (request r joins at
+    call r % block_size); at the end the boxes contain the float32 boxes and the decoded
+    centroids are within the worst-case re-encoding drift of the float32 centroids
+    (test_selectors.py bounds the reference's typical drift on a few pages; over many
+    channels that can be exceeded): n re-encodings of half a step each, diluted by the
+    later counts, add up to sum_k (k / n) half-steps = (n + 1) / (4 * levels) of the box
+    (the box only widens), n = block_size. The error is relative to the bf16 box width,
+    the codes' scale (a page of one or two tokens can have a float32 box far narrower
+    than one bf16 ulp, or empty)."""
+    from prhs_vllm.ops.ref.quant import decode_centroids
+
+    bs = block_size
+    join = [r % bs for r in range(num_requests)]
+    lens = [2 * bs - j for j in join]
+    num_pages = 1 + 2 * num_requests + 2
+    rows = random_pages(gen, lens, bs, num_pages)
+    steps = []
+    for s in range(2 * bs):
+        runs = [slots_for(rows[r], s - j, 1, bs) for r, j in enumerate(join) if s >= j]
+        steps.append(with_padding(gen, runs, 1).to(device))
+    got, (fsum, fmin, fmax) = run_quantized_steps(
+        gen, steps, 0, num_pages, num_kv_heads, head_dim, bs, bits, dtype
+    )
+    pages = torch.tensor([p for row in rows for p in row], device=device)
+    counts = [c for n in lens for c in (bs, n - bs)]
+    count = torch.tensor(counts, dtype=torch.float32, device=device)[:, None, None]
+    centroids, qmin, qmax = got
+    qmin, qmax, fmin, fmax = qmin[pages].float(), qmax[pages].float(), fmin[pages], fmax[pages]
+    assert (qmin <= fmin).all() and (qmax >= fmax).all(), "box not outward"
+    centroid = decode_centroids(centroids.codes[pages], qmin, qmax, bits)
+    atol = (bs + 1) / (4 * ((1 << bits) - 1)) * (1 + 1e-3)
+    err = (centroid - fsum[pages] / count).abs()
+    rel = torch.where(err > 0, err / (qmax - qmin), 0.0)
+    assert rel.max() <= atol, f"max relative error {rel.max():.4f}"
+
+
+BOX_EDGE_VALUES = [
+    0.0, -0.0, 1e-40, -1e-40, 1e-45, -1e-45, 2.0**-126, -(2.0**-126),
+    1.0 + 2.0**-8, -(1.0 + 2.0**-8), 1.0 + 3 * 2.0**-8, -(1.0 + 3 * 2.0**-8),
+    1.5, -1.5, 3.3895313892515355e38, -3.3895313892515355e38, 3.4e38, -3.4e38,
+    65504.1, -65504.1, 0.1, -0.1,
+]  # fmt: skip
+
+
+def check_quantized_box_edge_values(gen, bits, device):
+    """Outward bf16 rounding bit-identical on +-0, subnormals, bf16 ties, exact bf16
+    values, the bf16 maximum and finite values beyond it (rounded to +-inf / +-max):
+    fresh pages first (box = one key rounded outward), then merged with random keys."""
+    from prhs_vllm.ops.ref.quant import update_quantized_summaries as ref_update
+    from prhs_vllm.ops.triton import update_quantized_summaries
+
+    edge = torch.tensor(BOX_EDGE_VALUES)
+    num_tokens, num_heads, dim = 6, 2, 12
+    # Every edge value once per token, on shuffled (head, channel)s; two random ones.
+    key = torch.stack([
+        torch.cat([edge[torch.randperm(len(edge), generator=gen)], torch.randn(2, generator=gen)])
+        for _ in range(num_tokens)
+    ]).reshape(num_tokens, num_heads, dim)  # fmt: skip
+    want = stale_quantized(gen, num_tokens + 1, num_heads, dim, bits, device)
+    got = clone_quantized(want)
+    pages = torch.arange(1, num_tokens + 1)
+    for offset, keys in ((0, key), (1, 3.0 * torch.randn(key.shape, generator=gen))):
+        slots = (pages * 16 + offset).to(device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # inf - inf (interpreter)
+            update_quantized_summaries(keys.to(device), slots, 16, *got)
+        ref_update(keys.to(device), slots, 16, *want)
+        assert_same_quantized(got, want, device == "cpu", where=f"offset {offset}")
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "bits, num_kv_heads, head_dim, block_size, dtype",
+    [
+        (8, 3, 64, 16, torch.bfloat16),
+        (4, 3, 128, 16, torch.float32),
+        (4, 1, 64, 32, torch.bfloat16),
+        (8, 2, 128, 32, torch.float32),
+    ],
+    ids=["int8-h3-d64-bf16", "int4-h3-d128-fp32", "int4-h1-d64-bs32-bf16", "int8-h2-d128-fp32"],
+)
+def test_quantized_summaries_one_call(gen, bits, num_kv_heads, head_dim, block_size, dtype):
+    bs = block_size
+    # Fresh single token, mid-page prefill over two boundaries, a full page, a decode
+    # step mid-page, a run crossing one boundary by one token.
+    requests = [(0, 1), (5, 2 * bs), (bs, bs), (3, 1), (bs - 1, 2)]
+    check_quantized_one_call(gen, bits, num_kv_heads, head_dim, bs, dtype, requests, "cpu")
+
+
+@interpreted
+def test_quantized_summaries_head_chunks(gen, monkeypatch):
+    """Heads split over programs (BLOCK_H < H); head_dim 48 (not a power of two)."""
+    from prhs_vllm.ops.triton import summaries
+
+    monkeypatch.setattr(summaries, "_TILE", 128)
+    requests = [(0, 7), (9, 20)]
+    check_quantized_one_call(gen, 4, 3, 48, 16, torch.float32, requests, "cpu")
+
+
+@interpreted
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_summaries_recycled_pages(gen, bits):
+    check_quantized_recycled_pages(gen, bits, 2, 64, 16, torch.bfloat16, "cpu")
+
+
+@interpreted
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_summaries_decode_drift(gen, bits):
+    check_quantized_decode_drift(gen, bits, 2, 64, 16, torch.float32, "cpu")
+
+
+@interpreted
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_summaries_round_ties_to_even(bits):
+    """Centroids exactly halfway between two levels: torch.round's ties-to-even.
+
+    Page i holds one old token (offset 1 written now) with code k_i in the box
+    [0, levels]; the new key k_i + 1 makes the centroid k_i + 0.5, which encodes to
+    exactly k_i + 0.5 levels. Rounding half up would move every even k_i one level up.
+    """
+    from prhs_vllm.ops.ref.quant import QuantizedCentroids
+    from prhs_vllm.ops.ref.quant import update_quantized_summaries as ref_update
+    from prhs_vllm.ops.triton import update_quantized_summaries
+
+    levels = (1 << bits) - 1
+    k = torch.arange(levels) if bits == 4 else torch.tensor([0, 1, 2, 3, 126, 127, 253, 254])
+    num_pages = len(k)
+    byte = k * 0x11 if bits == 4 else k  # int4: code k on both channels of the byte
+    codes = byte.to(torch.uint8)[:, None, None].repeat(1, 1, 2 * bits // 8)
+    box = torch.zeros(num_pages, 1, 2, dtype=torch.bfloat16)
+    want = (QuantizedCentroids(codes, bits), box, box + levels)
+    got = clone_quantized(want)
+    key = (k + 1).float()[:, None, None].repeat(1, 1, 2)
+    slots = torch.arange(num_pages) * 16 + 1
+    update_quantized_summaries(key, slots, 16, *got)
+    ref_update(key, slots, 16, *want)
+    assert_same_quantized(got, want, exact=True)
+    assert torch.equal(
+        unpack_codes(want[0].codes, bits), (k + k % 2)[:, None, None].repeat(1, 1, 2)
+    )
+
+
+@interpreted
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_summaries_box_edge_values(gen, bits):
+    check_quantized_box_edge_values(gen, bits, "cpu")
+
+
+@interpreted
+def test_quantized_summaries_noop_and_validation(gen):
+    from prhs_vllm.ops.triton import update_quantized_summaries
+
+    state = stale_quantized(gen, 4, 2, 32, 4, "cpu")
+    before = clone_quantized(state)
+    update_quantized_summaries(torch.randn(3, 2, 32), torch.empty(0, dtype=torch.long), 16, *state)
+    update_quantized_summaries(torch.randn(3, 2, 32), torch.full((3,), -1), 16, *state)
+    assert_same_quantized(state, before, exact=True)
+    slots = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="rows for"):
+        update_quantized_summaries(torch.randn(2, 2, 32), slots, 16, *state)
+    with pytest.raises(ValueError, match="box must be"):
+        update_quantized_summaries(torch.randn(3, 2, 64), slots, 16, *state)
+    with pytest.raises(ValueError, match="codes must be"):
+        as_int8 = type(state[0])(state[0].codes, 8)  # 16 bytes where int8 takes 32
+        update_quantized_summaries(torch.randn(3, 2, 32), slots, 16, as_int8, *state[1:])

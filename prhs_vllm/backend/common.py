@@ -72,15 +72,21 @@ class PrhsMetadata:
     last_keep: tuple[int, torch.Tensor] | None = None
 
 
+def sparse_row_mask(query_lens: torch.Tensor, seq_lens: torch.Tensor, min_context: int):
+    """[R] bool: the rows that run sparse -- decodes of one token (query
+    length 1) whose sequence length is at least ``min_context``.
+
+    query_lens, seq_lens: [R] host integer tensors of the step's requests.
+    """
+    return (query_lens == 1) & (seq_lens >= max(min_context, 1))
+
+
 def plan_sparse_rows(
     common: Any, config: PrhsConfig, stats: metrics.StepStats, block_size: int
 ) -> SparseRows | None:
-    """Pick the decode rows whose context is long enough to run sparse.
-
-    A row is sparse when it decodes one token (query length 1) and its
-    sequence length is at least ``config.min_context``. Only host data is
-    read (no device sync where vLLM provides host sequence lengths).
-    """
+    """Pick the decode rows whose context is long enough to run sparse
+    (``sparse_row_mask``). Only host data is read (no device sync where
+    vLLM provides host sequence lengths)."""
     num_reqs = common.num_reqs
     qsl = common.query_start_loc_cpu[: num_reqs + 1]
     query_lens = qsl[1:] - qsl[:-1]
@@ -89,7 +95,7 @@ def plan_sparse_rows(
         stats.record_step(0, int(decode.sum()))
         return None
     seq_lens = _compat.seq_lens_host(common)
-    sparse = decode & (seq_lens >= max(config.min_context, 1))
+    sparse = sparse_row_mask(query_lens, seq_lens, config.min_context)
     num_sparse = int(sparse.sum())
     stats.record_step(num_sparse, int(decode.sum()) - num_sparse)
     if num_sparse == 0:
@@ -176,10 +182,13 @@ _install_memory_accounting()
 class PrhsBuilderMixin:
     """Wraps the platform builder: its metadata plus the sparse rows."""
 
-    # Sparsity is decided on the host each step, so a graph captured by vLLM
-    # would freeze one step's decision. NEVER keeps attention out of vLLM's
-    # graphs (it then uses piecewise graphs); the sparse step replays graphs of
-    # its own (backend/step.py).
+    # Sparsity is decided on the host each step, so a full graph captured by
+    # vLLM would freeze one step's decision: replayed for a step with sparse
+    # rows, it would run them dense. vLLM 0.26's model runner (v2) dispatches
+    # full graphs from the batch shape alone, before any metadata is built, so
+    # a backend cannot keep sparse steps off them: NEVER keeps attention out of
+    # vLLM's graphs (piecewise graphs around it); the sparse step replays
+    # graphs of its own (backend/step.py).
     _cudagraph_support = AttentionCGSupport.NEVER
     supports_update_block_table = False
 

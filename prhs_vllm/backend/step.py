@@ -106,6 +106,7 @@ def sparse_step(
         key_cache=key_cache,
         prev_keep=prev_keep,
         skip=reused,
+        with_bound=with_metrics,
     )
     keep, est_kept = selection.keep, selection.est_kept_mass
     compact = None

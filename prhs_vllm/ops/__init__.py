@@ -66,19 +66,34 @@ def cuda_kernels_ready() -> bool:
 def kernel_report() -> str:
     """Which implementation each op uses on CUDA tensors (for the startup log)."""
     scoring = "triton" if _triton_ready() else "torch reference"
-    attention = "cuda (csrc)" if _cuda_ready() else "torch reference"
-    return f"summaries/scoring: {scoring}; sparse attention: {attention}"
+    cuda = "cuda (csrc)" if _cuda_ready() else None
+    return (
+        f"summaries: {cuda or scoring} (int8/int4: {scoring}); scoring/selection: {scoring}; "
+        f"sparse attention: {cuda or 'torch reference'}"
+    )
 
 
 def update_summaries(key, slot_mapping, block_size, key_sum, key_min, key_max) -> None:
     """``ref.update_page_summaries`` (same arguments), on the fastest backend;
-    ``key_sum`` may be QuantizedCentroids (torch reference on every device)."""
-    if isinstance(key_sum, QuantizedCentroids):
-        update_quantized_summaries(key, slot_mapping, block_size, key_sum, key_min, key_max)
+    ``key_sum`` may be QuantizedCentroids (``ref.quant.update_quantized_summaries``,
+    bfloat16 boxes): on CUDA its Triton kernel, which relies on vLLM writing each
+    page's new slots as one contiguous run in order (the reference does not)."""
+    quantized = isinstance(key_sum, QuantizedCentroids)
+    if key.is_cuda and not quantized and _cuda_ready():
+        # One C++ launch: per layer and step, the host cost is the point here
+        # (the Triton pair cost ~120 us of Python per call on the H100).
+        from prhs_vllm.ops.cuda.summaries import update_page_summaries as cuda_update
+
+        cuda_update(key, slot_mapping, block_size, key_sum, key_min, key_max)
     elif key.is_cuda and _triton_ready():
-        from prhs_vllm.ops.triton import update_page_summaries as triton_update
+        if quantized:
+            from prhs_vllm.ops.triton import update_quantized_summaries as triton_update
+        else:
+            from prhs_vllm.ops.triton import update_page_summaries as triton_update
 
         triton_update(key, slot_mapping, block_size, key_sum, key_min, key_max)
+    elif quantized:
+        update_quantized_summaries(key, slot_mapping, block_size, key_sum, key_min, key_max)
     else:
         update_page_summaries(key, slot_mapping, block_size, key_sum, key_min, key_max)
 
@@ -95,6 +110,7 @@ def select(
     key_cache=None,
     prev_keep=None,
     skip=None,
+    with_bound=True,
 ) -> Selection:
     """``ref.select_pages`` (same arguments), scoring on the fastest backend.
 
@@ -104,7 +120,10 @@ def select(
 
     ``skip`` [N, Hkv] bool marks (row, head) pairs whose selection is reused:
     the Triton scorer reads nothing for them (their logits are -inf); the
-    reference scores them anyway. Either way their result is not used."""
+    reference scores them anyway. Either way their result is not used.
+
+    ``with_bound=False`` lets the fused path skip the dropped-bound
+    log-sum-exp (only the metrics read it)."""
     if query.is_cuda and _triton_ready():
         from prhs_vllm.ops.triton import page_logits
 
@@ -123,7 +142,9 @@ def select(
         if skip is None and unsupported_reason(params) is None:
             from prhs_vllm.ops.triton import select_compact
 
-            return select_compact(logits, seq_lens, params, prev_keep=prev_keep)
+            return select_compact(
+                logits, seq_lens, params, prev_keep=prev_keep, with_bound=with_bound
+            )
         rescore = key_rescorer(query, key_cache, block_table, seq_lens, params)
         return select_from_logits(logits, seq_lens, params, rescore=rescore, prev_keep=prev_keep)
     return select_pages(

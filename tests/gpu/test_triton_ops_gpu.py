@@ -14,19 +14,28 @@ import pytest
 import torch
 from test_triton_ops import (
     SELECT_CASES,
+    assert_same_quantized,
     assert_same_summaries,
     check_group_page_mass,
     check_page_logits,
     check_page_logits_quantized,
     check_page_logits_skip,
+    check_quantized_box_edge_values,
+    check_quantized_decode_drift,
+    check_quantized_one_call,
+    check_quantized_recycled_pages,
     check_select_compact,
     check_summaries_one_call,
     check_summaries_recycled_pages,
+    clone_quantized,
     group_page_mass_ref,
+    random_pages,
     scoring_inputs,
     selection_logits,
     slots_for,
+    stale_quantized,
     strided_keys,
+    with_padding,
 )
 
 from prhs_vllm.ops.ref import page_logits as ref_page_logits
@@ -174,16 +183,27 @@ def test_page_logits_skip_on_gpu(gen):
     ids=["b16-m2048", "g8-m8192", "g1-m333"],
 )
 def test_select_compact(gen, case, num_rows, num_kv_heads, group, num_slots):
+    knobs = select_knobs(case, num_kv_heads)
+    check_select_compact(gen, DEVICE, num_rows, num_kv_heads, group, num_slots, **knobs)
+
+
+def select_knobs(case: str, num_kv_heads: int) -> dict:
+    """SELECT_CASES[case], with one block size per KV head where the case has them."""
     knobs = dict(SELECT_CASES[case])
     if case == "blocks-per-head":
         knobs["block_pages"] = (1, 3, 2, 4, 1, 1, 2, 8)[:num_kv_heads]
-    check_select_compact(gen, DEVICE, num_rows, num_kv_heads, group, num_slots, **knobs)
+    return knobs
 
 
 @pytest.mark.parametrize("case", ["budget", "delta", "blocks-per-head", "tiny-budget"])
 def test_select_compact_16ary_search(gen, case):
-    check_select_compact(gen, DEVICE, 16, 8, 4, 2048, search=16, **SELECT_CASES[case])
-    check_select_compact(gen, DEVICE, 4, 3, 4, 700, ties=True, search=16, **SELECT_CASES[case])
+    check_select_compact(gen, DEVICE, 16, 8, 4, 2048, search=16, **select_knobs(case, 8))
+    check_select_compact(gen, DEVICE, 4, 3, 4, 700, ties=True, search=16, **select_knobs(case, 3))
+
+
+@pytest.mark.parametrize("case", ["delta", "blocks-per-head"])
+def test_select_compact_without_bound(gen, case):
+    check_select_compact(gen, DEVICE, 16, 8, 4, 2048, with_bound=False, **select_knobs(case, 8))
 
 
 @pytest.mark.parametrize("case", ["budget", "delta", "blocks-per-head", "etf"])
@@ -218,3 +238,50 @@ def test_select_compact_graph_replay(gen):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_page_logits_quantized(gen, bits):
     check_page_logits_quantized(gen, bits, 4, 128, [3, 2000, 129, 700], DEVICE, num_kv_heads=8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("bits", [8, 4], ids=["int8", "int4"])
+def test_quantized_summaries(gen, bits, dtype):
+    """The interpreter's quantized-summary checks at served shapes: long prefill runs
+    from offset 0 and mid-page, decodes, -1 padding, recycled pages, 2 * block_size
+    decode calls of 64 requests (drift, within its worst case: 128K channels), box edge
+    values. Codes within one level of the reference (its CUDA sums are atomics)."""
+    requests = [(0, 1), (5, 1000), (0, 4099), (37, 1), (15, 48), (643, 1), (0, 32768)]
+    check_quantized_one_call(gen, bits, 8, 128, 16, dtype, requests, DEVICE)
+    check_quantized_one_call(gen, bits, 3, 64, 32, dtype, requests[:-1], DEVICE)
+    check_quantized_recycled_pages(gen, bits, 8, 128, 16, dtype, DEVICE)
+    check_quantized_decode_drift(gen, bits, 8, 128, 16, dtype, DEVICE, num_requests=64)
+    check_quantized_box_edge_values(gen, bits, DEVICE)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_summaries_graph_replay(gen, bits):
+    """A decode step through ``ops.update_summaries`` (the backend's entry point)
+    captured once, replayed on new keys: no host sync, the reference's result."""
+    from prhs_vllm import ops
+    from prhs_vllm.ops.ref.quant import update_quantized_summaries as ref_update
+
+    if not ops._triton_ready():
+        pytest.skip("PRHS_OPS=reference: the dispatcher does not use the Triton kernel")
+    bs, heads, dim, num_pages = 16, 8, 128, 160
+    lens = [100, 2000, 33, 17]  # decode offsets 3, 15, 0 (a new page), 0
+    rows = random_pages(gen, lens, bs, num_pages)
+    runs = [slots_for(p, n - 1, 1, bs) for p, n in zip(rows, lens, strict=True)]
+    slots = with_padding(gen, runs, 3).to(DEVICE)
+    want = stale_quantized(gen, num_pages, heads, dim, bits, DEVICE)
+    got = clone_quantized(want)
+    key = strided_keys(gen, len(slots), heads, dim, torch.bfloat16, DEVICE)
+    ops.update_summaries(key, slots, bs, *got)  # compiles the kernel outside the capture
+    ref_update(key, slots, bs, *want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.update_summaries(key, slots, bs, *got)
+    torch.cuda.synchronize()
+    assert_same_quantized(got, want, exact=False, where="after capture")
+    for i in range(3):
+        key.copy_(strided_keys(gen, len(slots), heads, dim, torch.bfloat16, DEVICE))
+        graph.replay()
+        ref_update(key, slots, bs, *want)
+        torch.cuda.synchronize()
+        assert_same_quantized(got, want, exact=False, where=f"after replay {i}")

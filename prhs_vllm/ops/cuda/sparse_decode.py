@@ -27,8 +27,9 @@ def _load_error() -> str | None:
         importlib.import_module("prhs_vllm._C")
     except ImportError as exc:
         return str(exc)
-    # The op mutates its arguments and returns nothing: tracing needs no shapes.
-    torch.library.register_fake("prhs::sparse_paged_decode")(lambda *args: None)
+    # The ops mutate their arguments and return nothing: tracing needs no shapes.
+    for op in ("prhs::sparse_paged_decode", "prhs::update_page_summaries"):
+        torch.library.register_fake(op)(lambda *args: None)
     return None
 
 

@@ -42,6 +42,7 @@ def select_compact(
     seq_lens: torch.Tensor,
     params: SelectionParams,
     prev_keep: torch.Tensor | None = None,
+    with_bound: bool = True,
 ) -> Selection:
     """``select_from_logits`` plus what the attention and the metrics read next.
 
@@ -50,10 +51,12 @@ def select_compact(
         seq_lens: [N] int context lengths.
         params: selection knobs (``unsupported_reason(params)`` is None).
         prev_keep: [N, Hkv, >=M] bool, the previous layer's keep (ETF).
+        with_bound: compute dropped_bound_lse (the metrics' certified bound).
     Returns:
         Selection with keep [N, Hkv, M], est_kept_mass, num_pages, kept_slots
         [N, Hkv, M] int32 and num_kept [N, Hkv] int32 (``compact_keep(keep)``),
-        dropped_bound_lse [N, Hkv, G] float32; bound_logits None.
+        dropped_bound_lse [N, Hkv, G] float32 (None without with_bound);
+        bound_logits None.
     Raises:
         ValueError: params this op does not cover.
     """
@@ -65,5 +68,7 @@ def select_compact(
         bound_logits=None,
         kept_slots=kept_slots,
         num_kept=num_kept,
-        dropped_bound_lse=dropped_bound_lse(selection.bound_logits, selection.keep),
+        dropped_bound_lse=(
+            dropped_bound_lse(selection.bound_logits, selection.keep) if with_bound else None
+        ),
     )

@@ -1,8 +1,9 @@
 """Triton versions of the scoring ops, same signatures as the torch references.
 
-``update_page_summaries`` (``ref.summaries``), ``page_logits`` (``ref.selection``),
-``group_page_mass`` (``torch.softmax(x, -1).mean(2)`` of ``select_pages``) and
-``select_compact`` (``ref.compact_selection``).
+``update_page_summaries`` (``ref.summaries``), ``update_quantized_summaries``
+(``ref.quant``), ``page_logits`` (``ref.selection``), ``group_page_mass``
+(``torch.softmax(x, -1).mean(2)`` of ``select_pages``) and ``select_compact``
+(``ref.compact_selection``).
 Importing this package does not import triton; the ops load on first access.
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (slowly) -- the
 variable must be set before the op modules are first imported, since triton
@@ -20,10 +21,12 @@ __all__ = [
     "page_logits",
     "select_compact",
     "update_page_summaries",
+    "update_quantized_summaries",
 ]
 
 _OPS = {
     "update_page_summaries": "prhs_vllm.ops.triton.summaries",
+    "update_quantized_summaries": "prhs_vllm.ops.triton.quant_summaries",
     "page_logits": "prhs_vllm.ops.triton.scoring",
     "group_page_mass": "prhs_vllm.ops.triton.scoring",
     "select_compact": "prhs_vllm.ops.triton.selection",

@@ -105,6 +105,7 @@ def _select_kernel(
     HAS_HEADS: tl.constexpr,
     SEARCH: tl.constexpr,
     SEARCH_ROUNDS: tl.constexpr,
+    WITH_BOUND: tl.constexpr,
 ):
     """Grid (N, heads of this block size). SEARCH: 2 (bisection) or a larger
     power of 2 (that many thresholds per round, fewer rounds). Outputs are contiguous:
@@ -223,7 +224,20 @@ def _select_kernel(
     tl.store(slots_ptr + row_head * num_slots + pos, slot, mask=keep)
     tl.store(slots_ptr + out, tl.full([NB, BP_POW2], -1, tl.int32), mask=in_row & (slot >= kept))
 
-    # log-sum-exp of the certified upper log-masses over the dropped pages.
+    if WITH_BOUND:  # log-sum-exp of the certified upper log-masses over the dropped pages
+        _store_dropped_bound(
+            est_ptr, upper_ptr, lower_ptr, bound_lse_ptr, base, stride_lg, in_row, keep,
+            row_head, GROUP, EXACT_CENTROID,
+        )  # fmt: skip
+
+
+@triton.jit
+def _store_dropped_bound(
+    est_ptr, upper_ptr, lower_ptr, bound_lse_ptr, base, stride_lg, in_row, keep, row_head,
+    GROUP: tl.constexpr, EXACT_CENTROID: tl.constexpr,
+):  # fmt: skip
+    """bound_lse[row_head, g] = log-sum-exp over the dropped slots of the upper
+    log-masses (tight ones where the centroid is exact)."""
     for g in tl.static_range(GROUP):
         upper = tl.load(upper_ptr + base + g * stride_lg, mask=in_row, other=float("-inf"))
         if EXACT_CENTROID:
@@ -265,6 +279,7 @@ def select_compact(
     seq_lens: torch.Tensor,
     params: SelectionParams,
     prev_keep: torch.Tensor | None = None,
+    with_bound: bool = True,
 ) -> Selection:
     """Keep mask, kept-slot lists, estimated kept mass and dropped bound in one
     launch per block size; same contract as ``ref.compact_selection.select_compact``.
@@ -274,15 +289,19 @@ def select_compact(
         seq_lens: [N] int context lengths.
         params: selection knobs (not rerank, not the certified stop rule).
         prev_keep: [N, Hkv, >=M] bool, the previous layer's keep (ETF).
+        with_bound: compute dropped_bound_lse (a second pass over the logits).
     Returns:
         Selection: keep [N, Hkv, M] bool, est_kept_mass [N, Hkv] float32,
         num_pages [N] int64, kept_slots [N, Hkv, M] int32 (ascending, then -1),
-        num_kept [N, Hkv] int32, dropped_bound_lse [N, Hkv, G] float32.
+        num_kept [N, Hkv] int32, dropped_bound_lse [N, Hkv, G] float32 (None
+        without with_bound).
     """
-    return _select_compact(logits, seq_lens, params, prev_keep, search=2)
+    return _select_compact(logits, seq_lens, params, prev_keep, with_bound, search=2)
 
 
-def _select_compact(logits, seq_lens, params, prev_keep=None, *, search: int) -> Selection:
+def _select_compact(
+    logits, seq_lens, params, prev_keep=None, with_bound=True, *, search: int
+) -> Selection:
     """``select_compact`` with the threshold search's arity (tests and benchmark
     sweeps): 2 bisects (31 rounds), 16 tests 16 thresholds a round (8 rounds)."""
     if search < 2 or search & (search - 1):
@@ -328,6 +347,7 @@ def _select_compact(logits, seq_lens, params, prev_keep=None, *, search: int) ->
                 HAS_HEADS=heads is not None,
                 SEARCH=search,
                 SEARCH_ROUNDS=_search_rounds(search),
+                WITH_BOUND=with_bound,
                 num_warps=num_warps,
             )  # fmt: skip
     return Selection(
@@ -337,5 +357,5 @@ def _select_compact(logits, seq_lens, params, prev_keep=None, *, search: int) ->
         bound_logits=None,
         kept_slots=kept_slots,
         num_kept=num_kept,
-        dropped_bound_lse=bound_lse,
+        dropped_bound_lse=bound_lse if with_bound else None,
     )

@@ -1,0 +1,60 @@
+// torch -> UpdateParams: argument checks, then the torch-free launch.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <ATen/core/Tensor.h>
+
+#include "update_summaries_kernel.cuh"
+#include "update_summaries_launcher.h"
+
+namespace su = prhs::summaries;
+
+void update_page_summaries(const at::Tensor& key, const at::Tensor& slot_mapping,
+                           int64_t block_size, at::Tensor& key_sum, at::Tensor& key_min,
+                           at::Tensor& key_max) {
+  TORCH_CHECK(key.is_cuda(), "prhs update_page_summaries: key must be a CUDA tensor");
+  TORCH_CHECK(key.dim() == 3, "key must be [T, H, D], got ", key.dim(), " dims");
+  TORCH_CHECK(key.stride(2) == 1, "key must be contiguous in its last dim");
+  const auto key_type = key.scalar_type();
+  TORCH_CHECK(key_type == at::kFloat || key_type == at::kHalf || key_type == at::kBFloat16,
+              "key must be float32, float16 or bfloat16, got ", key_type);
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.stride(0) == 1,
+              "slot_mapping must be a contiguous 1-d tensor");
+  const auto slot_type = slot_mapping.scalar_type();
+  TORCH_CHECK(slot_type == at::kLong || slot_type == at::kInt,
+              "slot_mapping must be int64 or int32, got ", slot_type);
+  TORCH_CHECK(slot_mapping.size(0) <= key.size(0), "slot_mapping has ", slot_mapping.size(0),
+              " slots for ", key.size(0), " key rows");
+  TORCH_CHECK(block_size > 0, "block_size must be positive, got ", block_size);
+  for (const at::Tensor* s : {&key_sum, &key_min, &key_max}) {
+    TORCH_CHECK(s->scalar_type() == at::kFloat && s->dim() == 3 &&
+                    s->size(1) == key.size(1) && s->size(2) == key.size(2),
+                "summaries must be float32 [P, ", key.size(1), ", ", key.size(2), "]");
+    TORCH_CHECK(s->strides() == key_sum.strides() && s->size(0) == key_sum.size(0),
+                "key_sum, key_min and key_max must share shape and strides");
+    TORCH_CHECK(s->stride(2) == 1, "summaries must be contiguous in their last dim");
+    TORCH_CHECK(s->device() == key.device() && slot_mapping.device() == key.device(),
+                "key, slot_mapping and the summaries must be on one device");
+  }
+  TORCH_CHECK(slot_mapping.size(0) < (int64_t{1} << 31) && key.size(1) * key.size(2) < (1 << 30),
+              "too many slots or channels");
+  su::UpdateParams p{};
+  p.key = key.data_ptr();
+  p.slot_mapping = slot_mapping.data_ptr();
+  p.key_sum = key_sum.data_ptr<float>();
+  p.key_min = key_min.data_ptr<float>();
+  p.key_max = key_max.data_ptr<float>();
+  p.key_stride_t = key.stride(0);
+  p.key_stride_h = key.stride(1);
+  p.page_stride = key_sum.stride(0);
+  p.head_stride = key_sum.stride(1);
+  p.num_slots = static_cast<int>(slot_mapping.size(0));
+  p.num_heads = static_cast<int>(key.size(1));
+  p.head_dim = static_cast<int>(key.size(2));
+  p.block_size = static_cast<int>(block_size);
+  const int key_dtype = key_type == at::kFloat ? 0 : (key_type == at::kHalf ? 1 : 2);
+  const c10::cuda::CUDAGuard guard(key.device());
+  const cudaError_t err = su::launch_update_summaries(
+      p, key_dtype, slot_type == at::kLong ? 8 : 4, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "prhs update_page_summaries: launch failed: ",
+              cudaGetErrorString(err));
+}
