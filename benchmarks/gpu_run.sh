@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (vLLM 0.26.0 staged): the phases named on the command line,
-# results in $OUT. Phases: setup, tests, ops, profile, e2e, fallback.
+# results in $OUT. Phases: setup, tests, ops, profile, e2e, fallback, graphs.
 #   bash benchmarks/gpu_run.sh setup tests ops
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -38,6 +38,22 @@ for phase in "$@"; do
 import json, sys
 runs = [json.loads(line) for line in open(sys.argv[1])][-2:]
 print("fallback: prhs tokens == dense tokens:", runs[0]["first_tokens"] == runs[1]["first_tokens"])
+EOF
+      ;;
+    graphs)  # batch 8: vLLM has full decode graphs for it (12 falls between capture sizes)
+      for b in prhs dense; do
+        python3 benchmarks/e2e_decode.py --batch 8 --context 1900 --output-len 128 --backend $b \
+          --out "$out/e2e_b8x1900.jsonl" 2>&1 | tail -1 | cut -c1-200
+      done
+      # 2000 + 128 crosses min_context 2048: dense steps on full graphs, then sparse steps
+      python3 benchmarks/e2e_decode.py --batch 8 --context 2000 --output-len 128 --backend prhs \
+        --out "$out/e2e_b8x2000_crossing.jsonl" 2>&1 | tail -1 | cut -c1-200
+      python3 - "$out/e2e_b8x1900.jsonl" "$out/e2e_b8x2000_crossing.jsonl" <<'EOF'
+import json, sys
+runs = [json.loads(line) for line in open(sys.argv[1])][-2:]
+print("b8 fallback: prhs tokens == dense tokens:", runs[0]["first_tokens"] == runs[1]["first_tokens"])
+crossing = [json.loads(line) for line in open(sys.argv[2])][-1]
+print("b8 crossing: sparse layers per token:", crossing.get("sparse_layers_per_token"))
 EOF
       ;;
     *) echo "unknown phase $phase"; exit 2 ;;

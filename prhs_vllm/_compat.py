@@ -240,3 +240,118 @@ def cpu_attn_isa(dtype: Any, block_size: int, head_size: int, kv_cache_dtype: st
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     return _get_attn_isa(dtype, block_size, head_size, kv_cache_dtype)
+
+
+def keep_sparse_steps_off_full_graphs(step_has_sparse_rows) -> bool:
+    """Let vLLM replay its full CUDA graphs for dense steps only. Returns whether
+    the guard is in place (False: the builder must declare NEVER).
+
+    Why: a full graph captured by vLLM holds the attention of a dense step;
+    replayed for a step with sparse rows it would run them dense, silently.
+    With attention out of vLLM's graphs altogether (NEVER), every decode step
+    pays for eager attention between piecewise graphs, dense ones too. How
+    (0.26, model runner v2): ``execute_model`` is wrapped to hand the step's
+    scheduler output to its graph manager, and the manager's ``dispatch``,
+    which picks the graph from the batch shape alone, is wrapped to skip FULL
+    candidates when ``step_has_sparse_rows(runner, scheduler_output)`` says so
+    (the step then runs piecewise, or eager, as under NEVER). Dummy runs
+    (capture, profiling) are left alone. Remove when: vLLM lets a backend
+    veto full graphs per step.
+    """
+    if vllm_version() != (0, 26):
+        return False
+    try:
+        from vllm.config import CUDAGraphMode
+        from vllm.v1.worker.gpu import cudagraph_utils
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+    except ImportError:
+        return False
+    import inspect
+
+    manager_cls = cudagraph_utils.CudaGraphManager
+    if getattr(GPUModelRunner.execute_model, "_prhs_wrapped", False):
+        return True
+    run_model = GPUModelRunner.execute_model
+    dispatch = manager_cls.dispatch
+    run_params = inspect.signature(run_model).parameters
+    dispatch_params = list(inspect.signature(dispatch).parameters)
+    if (
+        "dummy_run" not in run_params
+        or dispatch_params != ["self", "num_reqs", "num_tokens", "uniform_token_count",
+                               "num_active_loras"]
+        or not hasattr(manager_cls, "_resolve_effective_loras")
+        or not hasattr(cudagraph_utils, "_is_compatible")
+    ):  # fmt: skip
+        return False
+    GPUModelRunner.execute_model = handing_step_to_graph_manager(run_model)
+    manager_cls.dispatch = full_graphs_for_dense_steps(
+        dispatch, step_has_sparse_rows, CUDAGraphMode, cudagraph_utils
+    )
+    return True
+
+
+def handing_step_to_graph_manager(run_model):
+    """The v2 runner's ``execute_model``, leaving ``(runner, scheduler_output)``
+    on its graph manager (``_prhs_step``) for the step's dispatch."""
+    import inspect
+
+    signature = inspect.signature(run_model)
+
+    @functools.wraps(run_model)
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        manager = getattr(self, "cudagraph_manager", None)
+        bound = signature.bind(self, scheduler_output, *args, **kwargs)
+        if manager is None or bound.arguments.get("dummy_run", False):
+            return run_model(self, scheduler_output, *args, **kwargs)
+        manager._prhs_step = (self, scheduler_output)
+        try:
+            return run_model(self, scheduler_output, *args, **kwargs)
+        finally:
+            manager._prhs_step = None
+
+    execute_model._prhs_wrapped = True  # type: ignore[attr-defined]
+    return execute_model
+
+
+def full_graphs_for_dense_steps(dispatch, step_has_sparse_rows, graph_modes, utils):
+    """The graph manager's ``dispatch``, with FULL candidates skipped for a step
+    that has sparse rows: the first compatible other candidate (piecewise), or
+    eager. ``graph_modes``: vLLM's CUDAGraphMode; ``utils``: the module with
+    ``_is_compatible`` and ``BatchExecutionDescriptor``."""
+
+    @functools.wraps(dispatch)
+    def guarded(self, num_reqs, num_tokens, uniform_token_count, num_active_loras):
+        desc = dispatch(self, num_reqs, num_tokens, uniform_token_count, num_active_loras)
+        step = getattr(self, "_prhs_step", None)
+        if desc.cg_mode != graph_modes.FULL or step is None or not step_has_sparse_rows(*step):
+            return desc
+        loras = self._resolve_effective_loras(num_active_loras)
+        for candidate in self._candidates.get((num_tokens, loras), ()):
+            if candidate.cg_mode != graph_modes.FULL and utils._is_compatible(
+                candidate, num_reqs, num_tokens, uniform_token_count, loras
+            ):
+                return candidate
+        return utils.BatchExecutionDescriptor(
+            cg_mode=graph_modes.NONE, num_tokens=num_tokens, num_reqs=num_reqs,
+            num_active_loras=loras,
+        )  # fmt: skip
+
+    return guarded
+
+
+def step_contexts(runner, scheduler_output):
+    """(query_lens, seq_lens): [R] int64 host tensors of the step's requests,
+    from the v2 runner's optimistic host mirror of computed tokens (an upper
+    bound, so a row is never taken for shorter than it is); a request the
+    runner does not know yet counts as long (seq_len = 2**62)."""
+    import torch
+
+    states = runner.req_states
+    index = states.req_id_to_index
+    computed = states.num_computed_tokens_np
+    query_lens, seq_lens = [], []
+    for req_id, num_new in scheduler_output.num_scheduled_tokens.items():
+        idx = index.get(req_id)
+        query_lens.append(num_new)
+        seq_lens.append(2**62 if idx is None else int(computed[idx]) + num_new)
+    return torch.tensor(query_lens, dtype=torch.long), torch.tensor(seq_lens, dtype=torch.long)

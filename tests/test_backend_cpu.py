@@ -557,6 +557,17 @@ def test_dense_layer_is_bit_identical_to_cpu_attn(base_configs, spec, dtype, gen
     assert metrics.process_stats().totals()["prhs_sparse_layer_rows"] == 0
 
 
+def test_capture_metadata_is_dense_and_uncounted(base_configs, gen):
+    """vLLM's full graphs are captured from build_for_cudagraph_capture: every
+    row dense there (sparse steps never replay them), and no step counted."""
+    prhs = prhs_runner(base_configs, torch.float32, SPARSE)
+    batch = next(b for b in Workload(SPECS[0], torch.float32, gen).batches() if sparse_rows(b, 256))
+    captured = prhs.builder.build_for_cudagraph_capture(batch.common)
+    assert isinstance(captured, PrhsMetadata) and captured.sparse is None
+    assert metrics.process_stats().totals()["prhs_dense_decode_tokens"] == 0
+    assert prhs.builder.build(0, batch.common).sparse is not None  # the same batch, not captured
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_metrics_off_records_no_layer_stats(base_configs, dtype, gen):
     prhs = prhs_runner(base_configs, dtype, {**SPARSE, "metrics": False})

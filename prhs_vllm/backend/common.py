@@ -112,6 +112,16 @@ def plan_sparse_rows(
     )
 
 
+def step_has_sparse_rows(runner: Any, scheduler_output: Any) -> bool:
+    """Whether a step of vLLM's model runner has a row the prhs builder will
+    plan sparse (``sparse_row_mask`` over the step's requests)."""
+    config = runner.vllm_config
+    if not _compat.is_prhs_selection(config.attention_config.backend):
+        return False
+    query_lens, seq_lens = _compat.step_contexts(runner, scheduler_output)
+    return bool(sparse_row_mask(query_lens, seq_lens, config_for(config).min_context).any())
+
+
 class PageSummaries:
     """Key summaries of one layer, keyed by physical page id.
 
@@ -182,29 +192,67 @@ _install_memory_accounting()
 class PrhsBuilderMixin:
     """Wraps the platform builder: its metadata plus the sparse rows."""
 
-    # Sparsity is decided on the host each step, so a full graph captured by
-    # vLLM would freeze one step's decision: replayed for a step with sparse
-    # rows, it would run them dense. vLLM 0.26's model runner (v2) dispatches
-    # full graphs from the batch shape alone, before any metadata is built, so
-    # a backend cannot keep sparse steps off them: NEVER keeps attention out of
-    # vLLM's graphs (piecewise graphs around it); the sparse step replays
-    # graphs of its own (backend/step.py).
-    _cudagraph_support = AttentionCGSupport.NEVER
     supports_update_block_table = False
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        """The platform builder's own support where vLLM replays its full
+        graphs for dense steps only (``full_graphs_dense_only``); otherwise
+        NEVER: sparsity is decided per step on the host, and a full graph
+        replayed for a step with sparse rows would run them dense. NEVER keeps
+        attention out of vLLM's graphs (piecewise graphs around it); the sparse
+        step replays graphs of its own (backend/step.py) either way."""
+        if full_graphs_dense_only(vllm_config):
+            return super().get_cudagraph_support(vllm_config, kv_cache_spec)
+        return AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.prhs_config = config_for(vllm_config)
         self.prhs_stats = metrics.process_stats()
+        self._capturing = False
+
+    def build_for_cudagraph_capture(self, common_attn_metadata):
+        """The metadata vLLM captures a full graph with: every row dense (a
+        step with sparse rows never replays it), and no step counted."""
+        self._capturing = True
+        try:
+            return super().build_for_cudagraph_capture(common_attn_metadata)
+        finally:
+            self._capturing = False
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
         base = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        if self._capturing:
+            return PrhsMetadata(base=base, sparse=None)
+        if self.prhs_config.metrics:
+            # Before this step is counted: the stats file then holds whole steps
+            # (their layers' rows included), never a step planned but not yet run.
+            self.prhs_stats.maybe_flush()
         sparse = plan_sparse_rows(
             common_attn_metadata, self.prhs_config, self.prhs_stats, self.kv_cache_spec.block_size
         )
-        if self.prhs_config.metrics:
-            self.prhs_stats.maybe_flush()
         return PrhsMetadata(base=base, sparse=sparse)
+
+
+# vLLM's model runner dispatches steps with sparse rows around its full graphs
+# (where the installed version allows it: see _compat).
+_DISPATCH_GUARDED = _compat.keep_sparse_steps_off_full_graphs(step_has_sparse_rows)
+
+
+def full_graphs_dense_only(vllm_config: Any) -> bool:
+    """Whether every step with sparse rows is kept off vLLM's full graphs: the
+    guarded runner (v2) is the one running, with one data-parallel and one
+    pipeline stage and no speculative decoding (a drafter's steps and the
+    ranks' graph agreement are not guarded)."""
+    parallel = getattr(vllm_config, "parallel_config", None)
+    return bool(
+        _DISPATCH_GUARDED
+        and getattr(vllm_config, "use_v2_model_runner", False)
+        and getattr(vllm_config, "speculative_config", None) is None
+        and getattr(parallel, "data_parallel_size", 1) == 1
+        and getattr(parallel, "pipeline_parallel_size", 1) == 1
+    )
 
 
 def dense_reason(impl: Any, kv_cache_dtype: str) -> str | None:

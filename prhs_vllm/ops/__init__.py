@@ -1,9 +1,10 @@
 """Ops used by the backend, dispatched by device.
 
 Each op has a pure-torch reference in ``ref/`` (the test oracle and the CPU
-path). On CUDA tensors the Triton kernels (``triton/``: summaries, scoring)
-and the CUDA sparse decode kernel (``cuda/``, built from csrc/) take over when
-present. ``PRHS_OPS=reference`` forces the references everywhere (A/B checks).
+path). On CUDA tensors the csrc kernels (``cuda/``: page-summary update,
+sparse decode) and the Triton kernels (``triton/``: scoring, selection, the
+int8/int4 summary update, and the float32 update where csrc is not built)
+take over when present. ``PRHS_OPS=reference`` forces the references everywhere (A/B checks).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _cuda_ready() -> bool:
 
 
 def cuda_kernels_ready() -> bool:
-    """Whether the csrc sparse decode kernel serves CUDA tensors here."""
+    """Whether the csrc kernels (sparse decode, summary update) serve CUDA tensors here."""
     return _cuda_ready()
 
 
