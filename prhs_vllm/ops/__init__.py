@@ -4,7 +4,8 @@ Each op has a pure-torch reference in ``ref/`` (the test oracle and the CPU
 path). On CUDA tensors the csrc kernels (``cuda/``: page-summary update,
 sparse decode) and the Triton kernels (``triton/``: scoring, selection, the
 int8/int4 summary update, and the float32 update where csrc is not built)
-take over when present. ``PRHS_OPS=reference`` forces the references everywhere (A/B checks).
+take over when present. ``PRHS_OPS=reference`` forces the references
+everywhere (A/B checks).
 """
 
 from __future__ import annotations
