@@ -135,6 +135,19 @@ def run_summary_steps(
         assert_same_summaries(got, want, where=f"after call {i}")
 
 
+# (num_kv_heads, head_dim, block_size) of the compiled summary-update tests.
+SUMMARY_SHAPES = pytest.mark.parametrize(
+    "num_kv_heads, head_dim, block_size",
+    [(8, 128, 16), (8, 128, 32), (3, 64, 16), (2, 96, 16), (1, 256, 32), (40, 128, 16)],
+    ids=["h8-d128-bs16", "h8-d128-bs32", "h3-d64", "h2-d96", "h1-d256", "h40-d128"],
+)
+KEY_DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float16, id="fp16"),
+]
+
+
 def check_summaries_one_call(
     gen, num_kv_heads, head_dim, block_size, dtype, lens, device, update=None, in_order=False
 ):

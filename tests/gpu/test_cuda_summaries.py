@@ -19,6 +19,8 @@ if not is_available():
     pytest.skip("prhs_vllm._C is not built", allow_module_level=True)
 
 from test_triton_ops import (  # noqa: E402
+    KEY_DTYPES,
+    SUMMARY_SHAPES,
     assert_same_summaries,
     check_summaries_one_call,
     check_summaries_recycled_pages,
@@ -30,11 +32,7 @@ from test_triton_ops import (  # noqa: E402
 from prhs_vllm.ops.ref import update_page_summaries as ref_update  # noqa: E402
 
 DEVICE = "cuda"
-DTYPES = [
-    pytest.param(torch.float32, id="fp32"),
-    pytest.param(torch.bfloat16, id="bf16"),
-    pytest.param(torch.float16, id="fp16"),
-]
+DTYPES = KEY_DTYPES
 update = summaries.update_page_summaries
 
 
@@ -43,11 +41,7 @@ def int32_slots(key, slots, block_size, *out):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "num_kv_heads, head_dim, block_size",
-    [(8, 128, 16), (8, 128, 32), (3, 64, 16), (2, 96, 16), (1, 256, 32), (40, 128, 16)],
-    ids=["h8-d128-bs16", "h8-d128-bs32", "h3-d64", "h2-d96", "h1-d256", "h40-d128"],
-)
+@SUMMARY_SHAPES
 def test_one_call(gen, num_kv_heads, head_dim, block_size, dtype):
     lens = [1, block_size, 1000, 4099, 3 * block_size - 1]
     check_summaries_one_call(

@@ -13,7 +13,9 @@ import os
 import pytest
 import torch
 from test_triton_ops import (
+    KEY_DTYPES,
     SELECT_CASES,
+    SUMMARY_SHAPES,
     assert_same_quantized,
     assert_same_summaries,
     check_group_page_mass,
@@ -64,19 +66,11 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-DTYPES = [
-    pytest.param(torch.float32, id="fp32"),
-    pytest.param(torch.bfloat16, id="bf16"),
-    pytest.param(torch.float16, id="fp16"),
-]
+DTYPES = KEY_DTYPES
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "num_kv_heads, head_dim, block_size",
-    [(8, 128, 16), (8, 128, 32), (3, 64, 16), (2, 96, 16), (1, 256, 32), (40, 128, 16)],
-    ids=["h8-d128-bs16", "h8-d128-bs32", "h3-d64", "h2-d96", "h1-d256", "h40-d128"],
-)
+@SUMMARY_SHAPES
 def test_summaries_one_call(gen, num_kv_heads, head_dim, block_size, dtype):
     lens = [1, block_size, 1000, 4099, 3 * block_size - 1]
     check_summaries_one_call(gen, num_kv_heads, head_dim, block_size, dtype, lens, DEVICE)

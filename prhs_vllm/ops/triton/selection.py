@@ -316,12 +316,17 @@ def _select_compact(
     kept_slots = torch.empty(keep.shape, dtype=torch.int32, device=device)
     num_kept = torch.empty((num_rows, num_kv_heads), dtype=torch.int32, device=device)
     kept_mass = torch.empty((num_rows, num_kv_heads), dtype=torch.float32, device=device)
-    bound_lse = torch.empty((num_rows, num_kv_heads, group), dtype=torch.float32, device=device)
+    bound_lse = (
+        torch.empty((num_rows, num_kv_heads, group), dtype=torch.float32, device=device)
+        if with_bound
+        else None
+    )
     num_pages = -(-seq_lens.to(torch.long) // params.block_size)
     if num_rows and num_kv_heads and num_slots == 0:
         num_kept.zero_()
         kept_mass.zero_()
-        bound_lse.fill_(float("-inf"))
+        if bound_lse is not None:
+            bound_lse.fill_(float("-inf"))
     elif keep.numel():
         fractions = _fractions(params.budget, params.window_start, params.frozen_fraction, device)
         etf = prev_keep is not None and params.frozen_fraction > 0
@@ -332,7 +337,8 @@ def _select_compact(
             _select_kernel[grid](
                 est, upper, lower, seq_lens, fractions, prev,
                 keep if heads is None else heads,  # any pointer when unused
-                keep, kept_slots, num_kept, kept_mass, bound_lse,
+                keep, kept_slots, num_kept, kept_mass,
+                keep if bound_lse is None else bound_lse,  # any pointer when unused
                 *est.stride(), *prev.stride(),
                 num_kv_heads, num_slots, params.block_size,
                 -(-params.sink_tokens // params.block_size),
@@ -357,5 +363,5 @@ def _select_compact(
         bound_logits=None,
         kept_slots=kept_slots,
         num_kept=num_kept,
-        dropped_bound_lse=bound_lse if with_bound else None,
+        dropped_bound_lse=bound_lse,
     )
