@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # On the GPU machine (vLLM 0.26.0 staged): the phases named on the command line,
-# results in $OUT. Phases: setup, tests, ops, profile, e2e, fallback, graphs.
+# results in $OUT. Phases: setup, tests, ops, sweep, profile, e2e, e2e-16, e2e-int8,
+# fallback, graphs.
 #   bash benchmarks/gpu_run.sh setup tests ops
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/prhs-out}; mkdir -p "$out"
-e2e=(python3 benchmarks/e2e_decode.py --batch 12 --output-len 64)
+# Decode timed from cached prefixes (see e2e_decode.py): tighter than the
+# difference of two 15 s prefills that sessions 1-4 reported.
+e2e=(python3 benchmarks/e2e_decode.py --batch 12 --output-len 64 --cached-prefix)
 for phase in "$@"; do
   echo "== $phase $(date +%T)"
   case $phase in
@@ -20,19 +23,33 @@ for phase in "$@"; do
         --out "$out/ops_h100.json" 2>&1 | tail -8 | tee "$out/ops.txt"
       python3 benchmarks/ops.py --batches 16 --contexts 4096 131072 --budgets 8 32 \
         --out "$out/ops_grid_h100.json" 2>&1 | tail -8 | tee "$out/ops_grid.txt" ;;
-    profile)
-      "${e2e[@]}" --backend prhs --context 32768 --profile "$out/profile_prhs_b12x32k.txt" \
-        2>&1 | tail -2 | cut -c1-400 ;;
+    profile)  # decode steps only (cached prefixes); util 0.95 as in e2e
+      "${e2e[@]}" --backend prhs --context 32768 --gpu-memory-utilization 0.95 \
+        --profile "$out/profile_prhs_b12x32k.txt" 2>&1 | grep '^{' | cut -c1-400
+      head -1 "$out/profile_prhs_b12x32k.txt"; sed -n 2p "$out/profile_prhs_b12x32k.txt" ;;
     e2e)  # 0.95: float32 summaries (19% of the KV bytes) fit 12 x 32K only there
       for b in dense prhs; do
         "${e2e[@]}" --backend $b --context 32768 --gpu-memory-utilization 0.95 \
-          --out "$out/e2e_b12x32k.jsonl" 2>&1 | tail -1 \
+          --out "$out/e2e_b12x32k.jsonl" 2>&1 | grep '^{' \
+          | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); r.pop('first_tokens'); print(r)"
+      done ;;
+    e2e-16)  # the issue's shape, a 1/16 budget (default: 1/8); dense: the e2e phase's
+      "${e2e[@]}" --backend prhs --context 32768 --gpu-memory-utilization 0.95 \
+        --config configs/budget16.yaml --out "$out/e2e_b12x32k.jsonl" 2>&1 \
+        | grep '^{' | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); r.pop('first_tokens'); print(r)" ;;
+    sweep)
+      timeout 420 python3 benchmarks/kernel_sweep.py --batch 12 --warps 4 8 16 \
+        --out "$out/kernel_sweep.jsonl" > /dev/null 2>&1; wc -l "$out/kernel_sweep.jsonl" ;;
+    e2e-int8)  # int8 centroids (7.8% of the KV bytes): 12 x 32K fits at util 0.90
+      for b in dense prhs; do
+        "${e2e[@]}" --backend $b --context 32768 --config configs/int8.yaml \
+          --out "$out/e2e_b12x32k_int8.jsonl" 2>&1 | grep '^{' \
           | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); r.pop('first_tokens'); print(r)"
       done ;;
     fallback)  # 1900 + 128 tokens < min_context 2048: prhs runs dense throughout
       for b in prhs dense; do
         "${e2e[@]}" --backend $b --context 1900 --output-len 128 --out "$out/e2e_b12x1900.jsonl" \
-          2>&1 | tail -1 | cut -c1-200
+          2>&1 | grep '^{' | cut -c1-200
       done
       python3 - "$out/e2e_b12x1900.jsonl" <<'EOF'
 import json, sys
@@ -43,11 +60,11 @@ EOF
     graphs)  # batch 8: vLLM has full decode graphs for it (12 falls between capture sizes)
       for b in prhs dense; do
         python3 benchmarks/e2e_decode.py --batch 8 --context 1900 --output-len 128 --backend $b \
-          --out "$out/e2e_b8x1900.jsonl" 2>&1 | tail -1 | cut -c1-200
+          --out "$out/e2e_b8x1900.jsonl" 2>&1 | grep '^{' | cut -c1-200
       done
       # 2000 + 128 crosses min_context 2048: dense steps on full graphs, then sparse steps
       python3 benchmarks/e2e_decode.py --batch 8 --context 2000 --output-len 128 --backend prhs \
-        --out "$out/e2e_b8x2000_crossing.jsonl" 2>&1 | tail -1 | cut -c1-200
+        --out "$out/e2e_b8x2000_crossing.jsonl" 2>&1 | grep '^{' | cut -c1-200
       python3 - "$out/e2e_b8x1900.jsonl" "$out/e2e_b8x2000_crossing.jsonl" <<'EOF'
 import json, sys
 runs = [json.loads(line) for line in open(sys.argv[1])][-2:]

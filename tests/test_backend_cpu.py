@@ -437,6 +437,40 @@ def test_split_kv_cache_returns_written_keys_and_values(base_configs, dtype, gen
     assert torch.equal(read_k, key), f"key layout (isa {isa})"
 
 
+def test_summaries_follow_a_reallocated_kv_cache(base_configs, gen):
+    """vLLM allocates the KV cache twice (profiling, then for real): the summary
+    update bound at a layer's first write must move to the summaries of the
+    cache in use, and fold its keys exactly as the reference does."""
+    from prhs_vllm.backend.common import PageSummaries
+    from prhs_vllm.ops.ref import update_page_summaries
+
+    runner = prhs_runner(base_configs, torch.float32, FULL_BUDGET)
+
+    def write(kv_cache, tokens):
+        key = torch.randn(tokens, NUM_KV_HEADS, HEAD_DIM, generator=gen)
+        slots = torch.randperm(kv_cache.shape[0], generator=gen)[: -(-tokens // BLOCK_SIZE)]
+        pos = torch.arange(tokens)
+        slots = slots[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+        runner.impl.do_kv_cache_update(runner.layer, key, key, kv_cache, slots)
+        return key, slots
+
+    write(runner.kv_cache, 40)
+    first = runner.impl._summaries
+    num_pages = NUM_PAGES + 4
+    for _ in range(2):  # a cache of a new size, then another cache of that size
+        cache = torch.zeros(num_pages, *runner.kv_cache.shape[1:])
+        key, slots = write(cache, 50)
+        summaries = runner.impl._summaries
+        assert summaries is not first and summaries.num_pages == num_pages
+        expected = PageSummaries(num_pages, NUM_KV_HEADS, HEAD_DIM, "cpu")
+        update_page_summaries(
+            key, slots, BLOCK_SIZE, expected.key_sum, expected.key_min, expected.key_max
+        )
+        written = (slots // BLOCK_SIZE).unique()
+        for name in ("key_sum", "key_min", "key_max"):
+            assert torch.equal(getattr(summaries, name)[written], getattr(expected, name)[written])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("spec", SPEC_PARAMS)
 def test_full_budget_equals_dense(base_configs, spec, dtype, gen):

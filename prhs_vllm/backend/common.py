@@ -45,7 +45,8 @@ def config_for(vllm_config: Any) -> PrhsConfig:
 class SparseRows:
     """The decode rows of one step that run sparse.
 
-    token_idx: [S] long, row of each sparse token in the step's query tensor.
+    token_idx: [S] long, row of each sparse token in the step's query tensor
+        (0..S-1 when all_sparse).
     seq_lens: [S] int32 context lengths; block_table: [S, >=max_pages] page ids.
     max_pages: pages of the longest sparse row (host int: no device sync).
     all_sparse: no other rows in the step, so the dense kernel is skipped.
@@ -85,8 +86,8 @@ def plan_sparse_rows(
     common: Any, config: PrhsConfig, stats: metrics.StepStats, block_size: int
 ) -> SparseRows | None:
     """Pick the decode rows whose context is long enough to run sparse
-    (``sparse_row_mask``). Only host data is read (no device sync where
-    vLLM provides host sequence lengths)."""
+    (``sparse_row_mask``). Only host data is read and nothing waits for the
+    device (where vLLM provides host sequence lengths)."""
     num_reqs = common.num_reqs
     qsl = common.query_start_loc_cpu[: num_reqs + 1]
     query_lens = qsl[1:] - qsl[:-1]
@@ -100,16 +101,33 @@ def plan_sparse_rows(
     stats.record_step(num_sparse, int(decode.sum()) - num_sparse)
     if num_sparse == 0:
         return None
+    max_pages = -(-int(seq_lens[sparse].max()) // block_size)
+    if num_sparse == num_reqs:  # steady decode: every row, no copy at all
+        return SparseRows(
+            token_idx=common.query_start_loc[:num_reqs].to(torch.long),
+            seq_lens=common.seq_lens[:num_reqs],
+            block_table=common.block_table_tensor[:num_reqs],
+            max_pages=max_pages,
+            all_sparse=True,
+        )
     req_idx = sparse.nonzero().squeeze(1)
-    device = common.seq_lens.device
-    req_idx_dev = req_idx.to(device)
+    rows = _to_device(torch.stack([req_idx, qsl[req_idx].to(req_idx.dtype)]), common.seq_lens)
     return SparseRows(
-        token_idx=qsl[req_idx].to(device=device, dtype=torch.long),
-        seq_lens=common.seq_lens[req_idx_dev],
-        block_table=common.block_table_tensor[req_idx_dev],
-        max_pages=-(-int(seq_lens[sparse].max()) // block_size),
-        all_sparse=num_sparse == num_reqs,
+        token_idx=rows[1],
+        seq_lens=common.seq_lens[rows[0]],
+        block_table=common.block_table_tensor[rows[0]],
+        max_pages=max_pages,
+        all_sparse=False,
     )
+
+
+def _to_device(host: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``host`` on the device of ``like``, without waiting for the device: a
+    copy from pageable memory waits for the stream to drain, which would stop
+    the host from preparing the next step while the GPU runs this one."""
+    if like.device.type != "cuda":
+        return host.to(like.device)
+    return host.pin_memory().to(like.device, non_blocking=True)
 
 
 def step_has_sparse_rows(runner: Any, scheduler_output: Any) -> bool:
@@ -294,6 +312,8 @@ class PrhsImplMixin:
         self._dense_reason = dense_reason(self, self.kv_cache_dtype)
         self._sparse_layer: bool | None = None  # known once the layer name is seen
         self._summaries: PageSummaries | None = None
+        # (KV cache data_ptr, update(key, slot_mapping)) once the layer has written.
+        self._summary_update: tuple[int, Any] | None = None
         self._reuse: tuple[ReuseState, ReuseConfig] | None = None
         self._max_pages_per_seq = 0
         model_config = getattr(vllm_config, "model_config", None)
@@ -343,15 +363,18 @@ class PrhsImplMixin:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         if kv_cache.numel() == 0 or not self._layer_is_sparse(layer):
             return
-        summaries = self._page_summaries(kv_cache)
-        ops.update_summaries(
-            key,
-            slot_mapping,
-            kv_cache.shape[2],
-            summaries.key_sum,
-            summaries.key_min,
-            summaries.key_max,
-        )
+        bound = self._summary_update
+        if bound is None or bound[0] != kv_cache.data_ptr():
+            # Once per layer (and per KV cache allocation): the update with its
+            # fixed arguments checked and bound, so each step pays little more
+            # than the launch (the fallback's cost is host time per layer).
+            summaries = self._page_summaries(kv_cache)
+            update = ops.summary_updater(
+                key, slot_mapping, kv_cache.shape[2],
+                summaries.key_sum, summaries.key_min, summaries.key_max,
+            )  # fmt: skip
+            bound = self._summary_update = (kv_cache.data_ptr(), update)
+        bound[1](key, slot_mapping)
         if self._reuse is not None:
             self._reuse[0].invalidate_written(slot_mapping, kv_cache.shape[2])
 
@@ -394,7 +417,10 @@ class PrhsImplMixin:
         rows = meta.sparse
         key_cache, value_cache = self.split_kv_cache(kv_cache)
         summaries = self._page_summaries(kv_cache)
-        q = query.view(query.shape[0], self.num_heads, self.head_size)[rows.token_idx]
+        # Every row sparse: one token each, the step's first rows in order, so a
+        # slice reads and writes them in place (no gather, no scatter kernel).
+        index = slice(0, rows.seq_lens.shape[0]) if rows.all_sparse else rows.token_idx
+        q = query.view(query.shape[0], self.num_heads, self.head_size)[index]
         params = self._selection_params(key_cache.shape[2])
         prev_keep = None
         if params.frozen_fraction > 0 and meta.last_keep is not None:
@@ -411,8 +437,8 @@ class PrhsImplMixin:
                 reuse=self._reuse,
             )  # fmt: skip
         meta.last_keep = (self._layer_index, result.keep)
-        output.view(output.shape[0], self.num_heads, self.head_size)[rows.token_idx] = (
-            result.out.to(output.dtype)
+        output.view(output.shape[0], self.num_heads, self.head_size)[index] = result.out.to(
+            output.dtype
         )
         if cfg.metrics:
             self.prhs_stats.record_rows(

@@ -36,6 +36,7 @@ __all__ = [
     "kernel_report",
     "select",
     "sparse_decode",
+    "summary_updater",
     "update_summaries",
 ]
 
@@ -98,6 +99,24 @@ def update_summaries(key, slot_mapping, block_size, key_sum, key_min, key_max) -
         update_quantized_summaries(key, slot_mapping, block_size, key_sum, key_min, key_max)
     else:
         update_page_summaries(key, slot_mapping, block_size, key_sum, key_min, key_max)
+
+
+def summary_updater(key, slot_mapping, block_size, key_sum, key_min, key_max):
+    """``update_summaries`` with block_size and the summaries bound, for one
+    layer's cache writes: update(key, slot_mapping) -> None. On the csrc path
+    the fixed arguments are checked once, here (``key`` and ``slot_mapping``
+    are a first step's), so a call costs little more than the launch."""
+    if key.is_cuda and not isinstance(key_sum, QuantizedCentroids) and _cuda_ready():
+        from prhs_vllm.ops.cuda.summaries import bind_update
+
+        return bind_update(key, slot_mapping, block_size, key_sum, key_min, key_max)
+    return functools.partial(
+        _update_bound, block_size=block_size, key_sum=key_sum, key_min=key_min, key_max=key_max
+    )
+
+
+def _update_bound(key, slot_mapping, *, block_size, key_sum, key_min, key_max) -> None:
+    update_summaries(key, slot_mapping, block_size, key_sum, key_min, key_max)
 
 
 def select(

@@ -40,6 +40,19 @@ def int32_slots(key, slots, block_size, *out):
     update(key, slots.to(torch.int32), block_size, *out)
 
 
+class BoundUpdate:
+    """``update`` through ``summaries.bind_update``: bound at the first call
+    (block size and summaries fixed), as the backend does per layer."""
+
+    def __init__(self) -> None:
+        self.bound = None
+
+    def __call__(self, key, slots, block_size, *out):
+        if self.bound is None:
+            self.bound = summaries.bind_update(key, slots, block_size, *out)
+        self.bound(key, slots)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @SUMMARY_SHAPES
 def test_one_call(gen, num_kv_heads, head_dim, block_size, dtype):
@@ -51,8 +64,11 @@ def test_one_call(gen, num_kv_heads, head_dim, block_size, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("kernel", [update, int32_slots], ids=["int64-slots", "int32-slots"])
+@pytest.mark.parametrize(
+    "kernel", [update, int32_slots, "bound"], ids=["int64-slots", "int32-slots", "bound"]
+)
 def test_recycled_pages(gen, block_size, dtype, kernel):
+    kernel = BoundUpdate() if kernel == "bound" else kernel
     check_summaries_recycled_pages(gen, 8, 128, block_size, dtype, DEVICE, kernel, in_order=True)
 
 
@@ -95,3 +111,25 @@ def test_bad_arguments_raise_value_errors(gen):
         update(key, slots, 16, out[0].half(), *out[1:])
     with pytest.raises(ValueError, match="key must"):
         update(key.cpu(), slots, 16, *out)
+
+
+def test_bound_update_checks_each_call(gen):
+    """What a step can change is re-checked on every call of the bound update,
+    with the unbound op's errors (never a call into the extension)."""
+    key = torch.zeros(4, 2, 64, device=DEVICE)
+    out = garbage_summaries(gen, 8, 2, 64, DEVICE)
+    slots = torch.arange(4, device=DEVICE)
+    bound = summaries.bind_update(key, slots, 16, *out)
+    bound(key.half(), slots.to(torch.int32))  # other supported dtypes pass
+    with pytest.raises(ValueError, match="slot_mapping"):
+        bound(key, slots.float())
+    with pytest.raises(ValueError, match="rows for"):
+        bound(key[:2], slots)
+    with pytest.raises(ValueError, match="key must"):
+        bound(key.cpu(), slots)
+    with pytest.raises(ValueError, match="key must"):
+        bound(key.double(), slots)
+    with pytest.raises(ValueError, match="summaries must"):
+        bound(torch.zeros(4, 3, 64, device=DEVICE), slots)
+    with pytest.raises(ValueError, match="contiguous"):
+        bound(key, torch.zeros(8, dtype=torch.long, device=DEVICE)[::2])

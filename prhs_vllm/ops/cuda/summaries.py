@@ -42,6 +42,42 @@ def update_page_summaries(
     _ops().update_page_summaries(key, slot_mapping, block_size, key_sum, key_min, key_max)
 
 
+def bind_update(key, slot_mapping, block_size, key_sum, key_min, key_max):
+    """``update_page_summaries`` with block_size and the summaries fixed: the
+    backend calls it once per layer and step, where the host time is the cost.
+
+    The fixed arguments are checked here, once; each call re-checks only what a
+    step can change (key and slot_mapping), with the same errors.
+
+    Args:
+        key, slot_mapping: a first step's (see ``update_page_summaries``).
+        block_size, key_sum, key_min, key_max: as in ``update_page_summaries``.
+    Returns:
+        update(key [T, H, D], slot_mapping [T']) -> None.
+    """
+    _check(key, slot_mapping, block_size, key_sum, key_min, key_max)
+    op = _ops().update_page_summaries.default
+    row_shape, device = tuple(key.shape[1:]), key.get_device()
+
+    def update(key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        if not (
+            key.dtype in _KEY_DTYPES
+            and slot_mapping.dtype in _SLOT_DTYPES
+            and key.dim() == 3
+            and tuple(key.shape[1:]) == row_shape
+            and key.stride(2) == 1
+            and slot_mapping.dim() == 1
+            and slot_mapping.stride(0) == 1
+            and slot_mapping.shape[0] <= key.shape[0]
+            and key.get_device() == device
+            and slot_mapping.get_device() == device
+        ):
+            _check(key, slot_mapping, block_size, key_sum, key_min, key_max)  # raises
+        op(key, slot_mapping, block_size, key_sum, key_min, key_max)
+
+    return update
+
+
 def _check(key, slot_mapping, block_size, key_sum, key_min, key_max) -> None:
     if not key.is_cuda or key.dim() != 3 or key.dtype not in _KEY_DTYPES:
         raise ValueError(f"key must be a CUDA [T, H, D] bf16/fp16/fp32 tensor, got {key.dtype}")

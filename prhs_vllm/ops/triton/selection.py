@@ -269,9 +269,11 @@ def _head_groups(block_pages, num_kv_heads: int, device):
 
 
 def _launch_config(num_slots: int, bp: int) -> tuple[int, int]:
-    """(NB, num_warps): the row's slots in registers, ~16 per thread per tile."""
+    """(NB, num_warps): the row's slots in registers, ~8 per thread per tile
+    (H100, 12 rows x 2048 / 4096 slots: 8 per thread took 25% / 17% less time
+    than 16; benchmarks/results/h100-session5/kernel_sweep.jsonl)."""
     nb = triton.next_power_of_2(max(1, -(-num_slots // bp)))
-    return nb, min(16, max(4, nb * triton.next_power_of_2(bp) // 512))
+    return nb, min(16, max(4, nb * triton.next_power_of_2(bp) // 256))
 
 
 def select_compact(
@@ -300,10 +302,12 @@ def select_compact(
 
 
 def _select_compact(
-    logits, seq_lens, params, prev_keep=None, with_bound=True, *, search: int
-) -> Selection:
+    logits, seq_lens, params, prev_keep=None, with_bound=True, *, search: int,
+    num_warps: int | None = None,
+) -> Selection:  # fmt: skip
     """``select_compact`` with the threshold search's arity (tests and benchmark
-    sweeps): 2 bisects (31 rounds), 16 tests 16 thresholds a round (8 rounds)."""
+    sweeps): 2 bisects (31 rounds), 16 tests 16 thresholds a round (8 rounds);
+    num_warps overrides ``_launch_config``'s."""
     if search < 2 or search & (search - 1):
         raise ValueError(f"search arity must be a power of 2 >= 2, got {search}")
     require_supported(params)
@@ -332,7 +336,7 @@ def _select_compact(
         etf = prev_keep is not None and params.frozen_fraction > 0
         prev = prev_keep.view(torch.uint8) if etf else keep
         for bp, heads in _head_groups(params.block_pages, num_kv_heads, device):
-            nb, num_warps = _launch_config(num_slots, bp)
+            nb, warps = _launch_config(num_slots, bp)
             grid = (num_rows, num_kv_heads if heads is None else heads.numel())
             _select_kernel[grid](
                 est, upper, lower, seq_lens, fractions, prev,
@@ -354,7 +358,7 @@ def _select_compact(
                 SEARCH=search,
                 SEARCH_ROUNDS=_search_rounds(search),
                 WITH_BOUND=with_bound,
-                num_warps=num_warps,
+                num_warps=num_warps or warps,
             )  # fmt: skip
     return Selection(
         keep=keep.view(torch.bool),
