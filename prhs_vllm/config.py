@@ -191,8 +191,9 @@ class PrhsConfig(BaseModel):
             "`int8` / `int4`: codes inside the page's min/max box (stored in bfloat16, "
             "rounded outward), 5 D / 4.5 D bytes (7.8% / 7.0%); certified bounds then use "
             "the box alone. Counted against the KV budget either way. On CUDA the int8 / "
-            "int4 update still runs as torch ops (~3.4 ms of host time per layer at batch "
-            "12 on an H100): it saves memory, not yet time."
+            "int4 update is one Triton kernel per layer (at batch 12 x 32K on an H100 with "
+            "util 0.90, where float32 summaries do not fit, int8 decoded 459 tok/s against "
+            "dense 502)."
         ),
     )
     """Centroid storage: float32 sums, or int8 / int4 codes in the page's box."""

@@ -160,17 +160,23 @@ def check_summaries_one_call(
     run_summary_steps(gen, [slots], 7, num_pages, num_kv_heads, head_dim, block_size, dtype, update)
 
 
+def recycled_page_sets(gen):
+    """(num_pages, pages of A, pages of B, pages of C): C takes A's pages in
+    another order once A has finished."""
+    num_pages = 24
+    free = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
+    pages_a, pages_b = free[:4], free[4:7]
+    return num_pages, pages_a, pages_b, [pages_a[2], pages_a[0], pages_a[3]]
+
+
 def check_summaries_recycled_pages(
     gen, num_kv_heads, head_dim, block_size, dtype, device, update=None, in_order=False
 ):
     """A served batch over several calls: chunked prefill, decode, a finished request's
     pages recycled (from offset 0) by a new request in the same call as decodes."""
     bs = block_size
-    num_pages = 24
-    free = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
-    pages_a, pages_b = free[:4], free[4:7]
     # A finishes after step 5; C takes A's pages in another order.
-    pages_c = [pages_a[2], pages_a[0], pages_a[3]]
+    num_pages, pages_a, pages_b, pages_c = recycled_page_sets(gen)
     steps = [
         # A prefills in chunks that split pages.
         [(pages_a, 0, bs + 5)],
@@ -826,10 +832,7 @@ def check_quantized_recycled_pages(gen, bits, num_kv_heads, head_dim, block_size
     """Chunked prefill, decodes, a finished request's pages taken over (from offset 0)
     in another order while others decode (``check_summaries_recycled_pages``)."""
     bs = block_size
-    num_pages = 24
-    free = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
-    pages_a, pages_b = free[:4], free[4:7]
-    pages_c = [pages_a[2], pages_a[0], pages_a[3]]
+    num_pages, pages_a, pages_b, pages_c = recycled_page_sets(gen)
     steps = [
         [(pages_a, 0, bs + 5)],
         [(pages_a, bs + 5, bs - 2), (pages_b, 0, 3)],

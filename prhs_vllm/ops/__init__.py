@@ -82,9 +82,7 @@ def update_summaries(key, slot_mapping, block_size, key_sum, key_min, key_max) -
     bfloat16 boxes): on CUDA its Triton kernel, which relies on vLLM writing each
     page's new slots as one contiguous run in order (the reference does not)."""
     quantized = isinstance(key_sum, QuantizedCentroids)
-    if key.is_cuda and not quantized and _cuda_ready():
-        # One C++ launch: per layer and step, the host cost is the point here
-        # (the Triton pair cost ~120 us of Python per call on the H100).
+    if _csrc_updates(key, key_sum):
         from prhs_vllm.ops.cuda.summaries import update_page_summaries as cuda_update
 
         cuda_update(key, slot_mapping, block_size, key_sum, key_min, key_max)
@@ -106,17 +104,19 @@ def summary_updater(key, slot_mapping, block_size, key_sum, key_min, key_max):
     layer's cache writes: update(key, slot_mapping) -> None. On the csrc path
     the fixed arguments are checked once, here (``key`` and ``slot_mapping``
     are a first step's), so a call costs little more than the launch."""
-    if key.is_cuda and not isinstance(key_sum, QuantizedCentroids) and _cuda_ready():
+    if _csrc_updates(key, key_sum):
         from prhs_vllm.ops.cuda.summaries import bind_update
 
         return bind_update(key, slot_mapping, block_size, key_sum, key_min, key_max)
-    return functools.partial(
-        _update_bound, block_size=block_size, key_sum=key_sum, key_min=key_min, key_max=key_max
+    return lambda key, slot_mapping: update_summaries(
+        key, slot_mapping, block_size, key_sum, key_min, key_max
     )
 
 
-def _update_bound(key, slot_mapping, *, block_size, key_sum, key_min, key_max) -> None:
-    update_summaries(key, slot_mapping, block_size, key_sum, key_min, key_max)
+def _csrc_updates(key, key_sum) -> bool:
+    # One C++ launch for float32 summaries on CUDA: per layer and step, the host
+    # cost is the point (the Triton pair cost ~120 us of Python per call on the H100).
+    return key.is_cuda and not isinstance(key_sum, QuantizedCentroids) and _cuda_ready()
 
 
 def select(
