@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (vLLM 0.26.0 staged): the phases named on the command line,
-# results in $OUT. Phases: setup, tests, ops, sweep, profile, e2e, e2e-16, e2e-int8,
-# fallback, graphs.
+# results in $OUT. Phases: setup, tests, ops, ops-int8, sweep, sweep-scoring, profile,
+# e2e, e2e-16, e2e-int8, fallback, fallback-stacks, fallback-bisect, graphs.
 #   bash benchmarks/gpu_run.sh setup tests ops
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -23,6 +23,13 @@ for phase in "$@"; do
         --out "$out/ops_h100.json" 2>&1 | tail -8 | tee "$out/ops.txt"
       python3 benchmarks/ops.py --batches 16 --contexts 4096 131072 --budgets 8 32 \
         --out "$out/ops_grid_h100.json" 2>&1 | tail -8 | tee "$out/ops_grid.txt" ;;
+    ops-int8)  # int8 centroid codes in bf16 boxes (640 B a page-head, float32: 1536 B)
+      python3 benchmarks/ops.py --batches 1 16 32 --contexts 32768 --budgets 16 \
+        --centroid-dtype int8 --out "$out/ops_int8_h100.json" 2>&1 | tail -6 | tee "$out/ops_int8.txt" ;;
+    sweep-scoring)  # scoring alone, both summary formats, live context vs the 2560-slot bucket
+      timeout 300 python3 benchmarks/kernel_sweep.py --batch 12 --kernels scoring --shapes 32832:2560 \
+        --centroid-dtypes float32 int8 --out "$out/kernel_sweep_scoring.jsonl" > /dev/null 2>&1
+      wc -l "$out/kernel_sweep_scoring.jsonl" ;;
     profile)  # decode steps only (cached prefixes); util 0.95 as in e2e
       "${e2e[@]}" --backend prhs --context 32768 --gpu-memory-utilization 0.95 \
         --profile "$out/profile_prhs_b12x32k.txt" 2>&1 | grep '^{' | cut -c1-400
@@ -46,6 +53,23 @@ for phase in "$@"; do
           --out "$out/e2e_b12x32k_int8.jsonl" 2>&1 | grep '^{' \
           | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); r.pop('first_tokens'); print(r)"
       done ;;
+    fallback-stacks)  # the fallback in-process, with the engine's Python stack sampled
+      for b in dense prhs; do
+        "${e2e[@]}" --backend $b --context 1900 --output-len 128 --in-process \
+          --sample-stacks "$out/stacks_${b}_b12x1900.txt" --out "$out/e2e_b12x1900_inproc.jsonl" \
+          2>&1 | grep '^{' | cut -c1-200
+        head -1 "$out/stacks_${b}_b12x1900.txt"
+      done ;;
+    fallback-bisect)  # what of prhs costs in the fallback: no summary layers, no metrics
+      all_dense="dense_layers=[$(seq -s, 0 31)]"
+      for args in "--backend dense" "--backend prhs --set $all_dense" "--backend prhs --set metrics=false" \
+                  "--backend prhs"; do
+        # shellcheck disable=SC2086
+        "${e2e[@]}" $args --context 1900 --output-len 128 --out "$out/e2e_b12x1900_bisect.jsonl" \
+          2>&1 | grep '^{' | cut -c1-120
+      done
+      python3 -c "import json,sys; [print(r['backend'], r['overrides'], r['decode_tok_per_s']) for r in map(json.loads, open(sys.argv[1]))]" \
+        "$out/e2e_b12x1900_bisect.jsonl" ;;
     fallback)  # 1900 + 128 tokens < min_context 2048: prhs runs dense throughout
       for b in prhs dense; do
         "${e2e[@]}" --backend $b --context 1900 --output-len 128 --out "$out/e2e_b12x1900.jsonl" \

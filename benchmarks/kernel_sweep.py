@@ -21,19 +21,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ops_sparse_decode import BLOCK_SIZE, HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS, time_graph  # noqa: E402
+from ops import CODE_BITS, random_summaries  # noqa: E402
+from ops_sparse_decode import BLOCK_SIZE, HEAD_DIM, NUM_Q_HEADS, time_graph  # noqa: E402
 
 from prhs_vllm.ops.ref.selection import SelectionParams  # noqa: E402
 from prhs_vllm.ops.triton.scoring import _page_logits  # noqa: E402
 from prhs_vllm.ops.triton.selection import _select_compact  # noqa: E402
 
+# (block_m, num_warps) of the scoring kernel
+SCORING_LAUNCHES = [(16, 4), (16, 8), (32, 4), (32, 8)]
 
-def inputs(batch: int, context: int, slots: int, gen: torch.Generator):
+
+def inputs(batch: int, context: int, slots: int, gen: torch.Generator, centroid_dtype: str):
     pages = -(-context // BLOCK_SIZE)
     pool = batch * pages + 1
-    centroid = torch.randn(pool, NUM_KV_HEADS, HEAD_DIM, device="cuda", generator=gen)
-    spread = torch.rand(pool, NUM_KV_HEADS, HEAD_DIM, device="cuda", generator=gen)
-    summaries = (centroid * BLOCK_SIZE, centroid - spread, centroid + spread)
+    summaries = random_summaries(pool, gen, centroid_dtype)
     table = torch.zeros(batch, slots, dtype=torch.int32, device="cuda")
     perm = torch.randperm(pool - 1, device="cuda", generator=gen)[: batch * pages] + 1
     table[:, :pages] = perm.view(batch, pages).to(torch.int32)
@@ -50,6 +52,13 @@ def main() -> None:
         "--shapes", nargs="+", default=["32768:2048", "32832:2560"], help="context:slots"
     )
     parser.add_argument("--replays", type=int, default=30)
+    parser.add_argument(
+        "--kernels", nargs="+", choices=["scoring", "selection"], default=["scoring", "selection"]
+    )
+    parser.add_argument(
+        "--centroid-dtypes", nargs="+", choices=list(CODE_BITS), default=["float32"],
+        help="summary formats to score (selection runs on the first one's logits)",
+    )  # fmt: skip
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -64,15 +73,22 @@ def main() -> None:
 
     for batch, shape in itertools.product(args.batch, args.shapes):
         context, slots = map(int, shape.split(":"))
-        query, (k_sum, k_min, k_max), table, seq = inputs(batch, context, slots, gen)
         base = {"batch": batch, "context": context, "slots": slots}
-        for block_m, warps in itertools.product((16, 32), (4, 8)):
-            scoring = functools.partial(
-                _page_logits, query, k_sum, k_min, k_max, table, seq, BLOCK_SIZE, scale, slots,
-                block_m=block_m, num_warps=warps,
-            )  # fmt: skip
-            emit({**base, "kernel": "scoring", "block_m": block_m, "warps": warps,
-                  "ms": round(time_graph([scoring], args.replays), 4)})  # fmt: skip
+        for dtype in args.centroid_dtypes if "scoring" in args.kernels else ():
+            query, (k_sum, k_min, k_max), table, seq = inputs(batch, context, slots, gen, dtype)
+            for block_m, warps in SCORING_LAUNCHES:
+                scoring = functools.partial(
+                    _page_logits, query, k_sum, k_min, k_max, table, seq, BLOCK_SIZE, scale,
+                    slots, block_m=block_m, num_warps=warps,
+                )  # fmt: skip
+                ms = round(time_graph([scoring], args.replays), 4)
+                emit({**base, "kernel": "scoring", "centroid_dtype": dtype, "block_m": block_m,
+                      "warps": warps, "ms": ms})  # fmt: skip
+        if "selection" not in args.kernels:
+            continue
+        query, (k_sum, k_min, k_max), table, seq = inputs(
+            batch, context, slots, gen, args.centroid_dtypes[0]
+        )
         logits = _page_logits(
             query, k_sum, k_min, k_max, table, seq, BLOCK_SIZE, scale, slots,
             block_m=16, num_warps=4,

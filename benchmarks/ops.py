@@ -38,19 +38,40 @@ from ops_sparse_decode import (  # noqa: E402
 )
 
 from prhs_vllm import ops  # noqa: E402
+from prhs_vllm.ops.ref.quant import (  # noqa: E402
+    QuantizedCentroids,
+    code_bytes,
+    encode_centroids,
+    round_outward_bf16,
+)
 from prhs_vllm.ops.ref.selection import SelectionParams, select_from_logits  # noqa: E402
 from prhs_vllm.ops.ref.sparse_decode_indexed import compact_keep  # noqa: E402
 from prhs_vllm.ops.triton import select_compact  # noqa: E402
 from prhs_vllm.ops.triton.selection import _select_compact  # noqa: E402
 
 COPY_CEILING_GBS = 3040.0
-SUMMARY_BYTES = 3 * 4 * HEAD_DIM  # float32 sum, min, max per page and KV head
+CODE_BITS = {"float32": 0, "int8": 8, "int4": 4}
 
 
-def random_summaries(pool: int, gen: torch.Generator):
+def summary_bytes(centroid_dtype: str) -> int:
+    """Bytes one page and KV head's summary takes (what scoring reads)."""
+    if centroid_dtype == "float32":
+        return 3 * 4 * HEAD_DIM  # float32 sum, min, max
+    return code_bytes(HEAD_DIM, CODE_BITS[centroid_dtype]) + 2 * 2 * HEAD_DIM  # + bf16 box
+
+
+def random_summaries(pool: int, gen: torch.Generator, centroid_dtype: str = "float32"):
+    """(key_sum, key_min, key_max) of ``pool`` pages in the backend's layout:
+    float32 sum / min / max, or quantized centroid codes in a bf16 box."""
     centroid = torch.randn(pool, NUM_KV_HEADS, HEAD_DIM, device="cuda", generator=gen)
     spread = torch.rand(pool, NUM_KV_HEADS, HEAD_DIM, device="cuda", generator=gen)
-    return centroid * BLOCK_SIZE, centroid - spread, centroid + spread
+    if centroid_dtype == "float32":
+        return centroid * BLOCK_SIZE, centroid - spread, centroid + spread
+    bits = CODE_BITS[centroid_dtype]
+    centroid, spread = centroid.cpu(), spread.cpu()  # the reference's rounding, on the host
+    lo, hi = round_outward_bf16(centroid - spread, centroid + spread)
+    codes = encode_centroids(centroid, lo, hi, bits)
+    return QuantizedCentroids(codes.cuda(), bits), lo.cuda(), hi.cuda()
 
 
 def time_eager(fn, replays: int) -> float:
@@ -94,9 +115,12 @@ def flashinfer_decode(shape: Shape):
     return lambda: wrapper.run(shape.query, kv)
 
 
-def bench(batch: int, context: int, budget: int, l2: int, replays: int, gen, flash) -> dict:
+def bench(
+    batch: int, context: int, budget: int, l2: int, replays: int, gen, flash,
+    centroid_dtype: str = "float32",
+) -> dict:  # fmt: skip
     shape = Shape(batch, context, l2, gen)
-    key_sum, key_min, key_max = random_summaries(shape.pool, gen)
+    key_sum, key_min, key_max = random_summaries(shape.pool, gen, centroid_dtype)
     table = shape.block_table()
     pages = shape.pages_per_row
     params = SelectionParams(
@@ -106,6 +130,7 @@ def bench(batch: int, context: int, budget: int, l2: int, replays: int, gen, fla
         delta=0.0,
         sink_tokens=64,
         local_tokens=256,
+        exact_centroid=centroid_dtype == "float32",
     )
     q, seq = shape.query, shape.seq_lens
 
@@ -143,6 +168,7 @@ def bench(batch: int, context: int, budget: int, l2: int, replays: int, gen, fla
         )  # fmt: skip
 
     row = {"batch": batch, "context": context, "budget": f"1/{budget}"}
+    row["centroid_dtype"] = centroid_dtype
     row["kept_pages"] = int(keep.sum(-1).float().mean().item())
     for name, fn in [
         ("scoring", scoring),
@@ -181,7 +207,7 @@ def bench(batch: int, context: int, budget: int, l2: int, replays: int, gen, fla
     except Exception as exc:  # API drift across FlashInfer versions: record, go on
         row["flashinfer_error"] = f"{type(exc).__name__}: {exc}"[:200]
     kept_bytes = batch * NUM_KV_HEADS * row["kept_pages"] * BLOCK_SIZE * HEAD_DIM * 2 * 2
-    row["bytes_min"] = kept_bytes + batch * NUM_KV_HEADS * pages * SUMMARY_BYTES
+    row["bytes_min"] = kept_bytes + batch * NUM_KV_HEADS * pages * summary_bytes(centroid_dtype)
     row["whole_pct_ceiling"] = (
         100 * row["bytes_min"] / (row["whole_ms"] * 1e-3) / 1e9 / (COPY_CEILING_GBS)
     )
@@ -197,6 +223,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
     parser.add_argument("--budgets", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--centroid-dtype", choices=list(CODE_BITS), default="float32")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -205,11 +232,14 @@ def main() -> None:
     rows = []
     cols = ["scoring", "selection", "selection_k16", "selection_torch", "attention", "whole"]
     cols += ["whole_eager"]
+    print(f"summaries: {args.centroid_dtype} ({summary_bytes(args.centroid_dtype)} B a page-head)")
     print("batch context budget kept " + " ".join(f"{c}_ms" for c in cols) + " fa3_ms fi_ms x_fa3")
     for batch in args.batches:
         for context in args.contexts:
             for budget in args.budgets:
-                row = bench(batch, context, budget, l2, args.replays, gen, flash)
+                row = bench(
+                    batch, context, budget, l2, args.replays, gen, flash, args.centroid_dtype
+                )
                 rows.append(row)
                 print(
                     f"{batch:5d} {context:7d} {row['budget']:>6} {row['kept_pages']:4d} "

@@ -268,14 +268,17 @@ def check_page_logits(
         torch.testing.assert_close(mass, want, atol=10 * t.mass_atol, rtol=1e-5, equal_nan=True)
 
 
-def check_page_logits_quantized(gen, bits, group, head_dim, lens, device, num_kv_heads=2):
-    """Triton page_logits over int8 / int4 centroid codes and bf16 boxes vs the reference."""
+def check_page_logits_quantized(
+    gen, bits, group, head_dim, lens, device, num_kv_heads=2, dtype=torch.float32
+):
+    """Triton page_logits over int8 / int4 centroid codes and bf16 boxes vs the
+    reference (``dtype``: the queries'; bf16 / fp16 take the one-pass tf32 box dots)."""
     from prhs_vllm.ops.ref.quant import QuantizedCentroids, code_bytes, update_quantized_summaries
     from prhs_vllm.ops.triton import page_logits
 
     block_size = 16
     query, _, table, seq_lens, num_slots = scoring_inputs(
-        gen, group, head_dim, block_size, lens, torch.float32, device, num_kv_heads
+        gen, group, head_dim, block_size, lens, dtype, device, num_kv_heads
     )
     num_pages = int(table.max()) + 1
     codes = torch.randint(0, 256, (num_pages, num_kv_heads, code_bytes(head_dim, bits)),
@@ -597,6 +600,14 @@ def test_page_logits_bf16_query_and_chunked_slots(gen):
     """bf16 queries, head_dim 96; BLOCK_M = 4 splits a row's page slots over programs."""
     lens = [3, 9 * 16 + 1, 40]
     check_page_logits(gen, 4, 96, 16, lens, torch.bfloat16, "cpu", block_m=4, num_warps=1)
+
+
+@interpreted
+def test_page_logits_dead_tiles(gen):
+    """Tiles wholly past a short row's context (and a 0-length row) write
+    -inf and read nothing; a long row's tiles beside them score as usual."""
+    lens = [0, 7, 3 * 16, 20 * 16 + 9]
+    check_page_logits(gen, 3, 32, 16, lens, torch.float32, "cpu", block_m=4, num_warps=1)
 
 
 @interpreted

@@ -88,7 +88,7 @@ def test_summaries_long_prefill(gen):
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("head_dim", [64, 96, 128])
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
 def test_page_logits(gen, group, head_dim, block_size):
     lens = [0, 1, block_size, 4097, 32768 + 5, 300]
@@ -229,9 +229,12 @@ def test_select_compact_graph_replay(gen):
         torch.testing.assert_close(got.est_kept_mass, want.est_kept_mass, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_page_logits_quantized(gen, bits):
-    check_page_logits_quantized(gen, bits, 4, 128, [3, 2000, 129, 700], DEVICE, num_kv_heads=8)
+def test_page_logits_quantized(gen, bits, dtype):
+    check_page_logits_quantized(
+        gen, bits, 4, 128, [3, 2000, 129, 700], DEVICE, num_kv_heads=8, dtype=dtype
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

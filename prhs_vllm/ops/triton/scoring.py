@@ -66,50 +66,61 @@ def _page_logits_kernel(
     seq_len = tl.load(len_ptr + n).to(tl.int32)
     count = tl.minimum(tl.maximum(seq_len - j * block_size, 0), block_size)
     live = in_row & (count > 0)
-    if HAS_SKIP:
-        flag = tl.load(skip_ptr + n * stride_kn + h * stride_kh).to(tl.int32)
-        live = live & (tl.zeros([BLOCK_M], tl.int32) + flag == 0)
+    # A tile wholly past the context (the step graphs score a whole context
+    # bucket) reads nothing and only writes -inf.
+    dead_tile = tl.program_id(1) * BLOCK_M * block_size >= seq_len
     # Slots past the context hold no page id worth reading (null or stale pages).
     page = tl.load(table_ptr + n * stride_tn + j * stride_tm, mask=live, other=0).to(tl.int64)
     d_ok = d < head_dim
-    tile_mask = live[:, None] & d_ok[None, :]
-    src = page[:, None] * stride_sp + h * stride_sh + d[None, :] * stride_sd
-    k_min = tl.load(min_ptr + src, mask=tile_mask, other=0.0).to(tl.float32)
-    k_max = tl.load(max_ptr + src, mask=tile_mask, other=0.0).to(tl.float32)
     n_tok = count.to(tl.float32)
     log_n = tl.log(tl.maximum(n_tok, 1.0))
-    if CODE_BITS == 0:  # float32 running sum
-        k_sum = tl.load(sum_ptr + src, mask=tile_mask, other=0.0)
-        est_scale = scale / tl.maximum(n_tok, 1.0)
-    else:  # quantized centroid: codes in the page's own box (ref.quant)
-        code_src = page[:, None] * stride_cp + h * stride_ch + (d * CODE_BITS // 8)[None, :]
-        code = tl.load(sum_ptr + code_src, mask=tile_mask, other=0).to(tl.int32)
-        if CODE_BITS == 4:
-            code = (code >> ((d % 2) * 4)[None, :]) & 0xF
-        levels: tl.constexpr = (1 << CODE_BITS) - 1
-        k_sum = k_min + code.to(tl.float32) / levels * (k_max - k_min)
-        est_scale = scale + tl.zeros([BLOCK_M], tl.float32)
     neg_inf = tl.full([BLOCK_M], float("-inf"), tl.float32)
     out = n * stride_on + h * stride_oh + j
-    for g in tl.static_range(GROUP):
-        q = tl.load(
-            q_ptr + n * stride_qn + (h * GROUP + g) * stride_qh + d * stride_qd,
-            mask=d_ok,
-            other=0.0,
-        ).to(tl.float32)
-        est = tl.sum(k_sum * q[None, :], axis=1) * est_scale + log_n
-        at_min = q[None, :] * k_min
-        at_max = q[None, :] * k_max
-        upper = scale * tl.sum(tl.maximum(at_min, at_max), axis=1) + log_n
-        lower = scale * tl.sum(tl.minimum(at_min, at_max), axis=1) + log_n
-        dst = out + g * stride_og
-        tl.store(est_ptr + dst, tl.where(live, est, neg_inf), mask=in_row)
-        tl.store(upper_ptr + dst, tl.where(live, upper, neg_inf), mask=in_row)
-        tl.store(lower_ptr + dst, tl.where(live, lower, neg_inf), mask=in_row)
+    dead = dead_tile
+    if HAS_SKIP:  # a skipped (row, head) reads nothing either
+        dead = dead | (tl.load(skip_ptr + n * stride_kn + h * stride_kh).to(tl.int32) != 0)
+    if dead:
+        for g in tl.static_range(GROUP):
+            dst = out + g * stride_og
+            tl.store(est_ptr + dst, neg_inf, mask=in_row)
+            tl.store(upper_ptr + dst, neg_inf, mask=in_row)
+            tl.store(lower_ptr + dst, neg_inf, mask=in_row)
+    else:
+        tile_mask = live[:, None] & d_ok[None, :]
+        src = page[:, None] * stride_sp + h * stride_sh + d[None, :] * stride_sd
+        k_min = tl.load(min_ptr + src, mask=tile_mask, other=0.0).to(tl.float32)
+        k_max = tl.load(max_ptr + src, mask=tile_mask, other=0.0).to(tl.float32)
+        if CODE_BITS == 0:  # float32 running sum
+            k_sum = tl.load(sum_ptr + src, mask=tile_mask, other=0.0)
+            est_scale = scale / tl.maximum(n_tok, 1.0)
+        else:  # quantized centroid: codes in the page's own box (ref.quant)
+            code_src = page[:, None] * stride_cp + h * stride_ch + (d * CODE_BITS // 8)[None, :]
+            code = tl.load(sum_ptr + code_src, mask=tile_mask, other=0).to(tl.int32)
+            if CODE_BITS == 4:
+                code = (code >> ((d % 2) * 4)[None, :]) & 0xF
+            levels: tl.constexpr = (1 << CODE_BITS) - 1
+            k_sum = k_min + code.to(tl.float32) / levels * (k_max - k_min)
+            est_scale = scale + tl.zeros([BLOCK_M], tl.float32)
+        for g in tl.static_range(GROUP):
+            q = tl.load(
+                q_ptr + n * stride_qn + (h * GROUP + g) * stride_qh + d * stride_qd,
+                mask=d_ok,
+                other=0.0,
+            ).to(tl.float32)
+            est = tl.sum(k_sum * q[None, :], axis=1) * est_scale + log_n
+            at_min = q[None, :] * k_min
+            at_max = q[None, :] * k_max
+            upper = scale * tl.sum(tl.maximum(at_min, at_max), axis=1) + log_n
+            lower = scale * tl.sum(tl.minimum(at_min, at_max), axis=1) + log_n
+            dst = out + g * stride_og
+            tl.store(est_ptr + dst, tl.where(live, est, neg_inf), mask=in_row)
+            tl.store(upper_ptr + dst, tl.where(live, upper, neg_inf), mask=in_row)
+            tl.store(lower_ptr + dst, tl.where(live, lower, neg_inf), mask=in_row)
 
 
 def _page_logits_config(head_dim: int) -> tuple[int, int]:
-    """(BLOCK_M, num_warps): ~2K float32 per summary tile keeps three tiles in registers."""
+    """(BLOCK_M, num_warps): ~2K float32 per summary tile keeps three tiles in
+    registers (H100 sweep: ``benchmarks/kernel_sweep.py``)."""
     return max(8, 2048 // triton.next_power_of_2(head_dim)), 4
 
 
