@@ -202,7 +202,10 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="write a torch-profiler table of the decode run here (runs the engine in-process)",
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.backend == "dense" and (args.config or args.set):
+        parser.error("--config and --set configure prhs; they do nothing with --backend dense")
+    return args
 
 
 def main() -> None:

@@ -48,8 +48,9 @@ for phase in "$@"; do
       timeout 420 python3 benchmarks/kernel_sweep.py --batch 12 --warps 4 8 16 \
         --out "$out/kernel_sweep.jsonl" > /dev/null 2>&1; wc -l "$out/kernel_sweep.jsonl" ;;
     e2e-int8)  # int8 centroids (7.8% of the KV bytes): 12 x 32K fits at util 0.90
-      for b in dense prhs; do
-        "${e2e[@]}" --backend $b --context 32768 --config configs/int8.yaml \
+      for b in dense "prhs --config configs/int8.yaml"; do
+        # shellcheck disable=SC2086
+        "${e2e[@]}" --backend $b --context 32768 \
           --out "$out/e2e_b12x32k_int8.jsonl" 2>&1 | grep '^{' \
           | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); r.pop('first_tokens'); print(r)"
       done ;;

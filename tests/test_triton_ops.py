@@ -272,7 +272,7 @@ def check_page_logits_quantized(
     gen, bits, group, head_dim, lens, device, num_kv_heads=2, dtype=torch.float32
 ):
     """Triton page_logits over int8 / int4 centroid codes and bf16 boxes vs the
-    reference (``dtype``: the queries'; bf16 / fp16 take the one-pass tf32 box dots)."""
+    reference, for queries of ``dtype``."""
     from prhs_vllm.ops.ref.quant import QuantizedCentroids, code_bytes, update_quantized_summaries
     from prhs_vllm.ops.triton import page_logits
 
