@@ -10,6 +10,8 @@ is the fused Triton kernel (keep mask and compacted slot lists in one launch);
 the median over CUDA-graph replays (graphs hold several calls over distinct
 page sets, so reads come from HBM); "eager" re-times the whole step without a
 graph, which is how it runs inside vLLM today (attention outside graphs).
+Page summaries: float32 sum / min / max, or with ``--centroid-dtype int8|int4``
+quantized centroid codes inside bf16 boxes (the backend's two layouts).
 
   python3 benchmarks/ops.py --out benchmarks/results/ops_h100.json
 """
