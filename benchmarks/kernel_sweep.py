@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ops import CODE_BITS, random_summaries  # noqa: E402
+from ops import CENTROID_DTYPES, random_summaries  # noqa: E402
 from ops_sparse_decode import BLOCK_SIZE, HEAD_DIM, NUM_Q_HEADS, time_graph  # noqa: E402
 
 from prhs_vllm.ops.ref.selection import SelectionParams  # noqa: E402
@@ -56,7 +56,7 @@ def main() -> None:
         "--kernels", nargs="+", choices=["scoring", "selection"], default=["scoring", "selection"]
     )
     parser.add_argument(
-        "--centroid-dtypes", nargs="+", choices=list(CODE_BITS), default=["float32"],
+        "--centroid-dtypes", nargs="+", choices=CENTROID_DTYPES, default=["float32"],
         help="summary formats to score (selection runs on the first one's logits)",
     )  # fmt: skip
     parser.add_argument("--out", default=None)

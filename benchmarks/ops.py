@@ -42,9 +42,10 @@ from ops_sparse_decode import (  # noqa: E402
 from prhs_vllm import ops  # noqa: E402
 from prhs_vllm.ops.ref.quant import (  # noqa: E402
     QuantizedCentroids,
-    code_bytes,
+    centroid_bits,
     encode_centroids,
     round_outward_bf16,
+    summary_bytes,
 )
 from prhs_vllm.ops.ref.selection import SelectionParams, select_from_logits  # noqa: E402
 from prhs_vllm.ops.ref.sparse_decode_indexed import compact_keep  # noqa: E402
@@ -52,14 +53,7 @@ from prhs_vllm.ops.triton import select_compact  # noqa: E402
 from prhs_vllm.ops.triton.selection import _select_compact  # noqa: E402
 
 COPY_CEILING_GBS = 3040.0
-CODE_BITS = {"float32": 0, "int8": 8, "int4": 4}
-
-
-def summary_bytes(centroid_dtype: str) -> int:
-    """Bytes one page and KV head's summary takes (what scoring reads)."""
-    if centroid_dtype == "float32":
-        return 3 * 4 * HEAD_DIM  # float32 sum, min, max
-    return code_bytes(HEAD_DIM, CODE_BITS[centroid_dtype]) + 2 * 2 * HEAD_DIM  # + bf16 box
+CENTROID_DTYPES = ("float32", "int8", "int4")
 
 
 def random_summaries(pool: int, gen: torch.Generator, centroid_dtype: str = "float32"):
@@ -69,7 +63,7 @@ def random_summaries(pool: int, gen: torch.Generator, centroid_dtype: str = "flo
     spread = torch.rand(pool, NUM_KV_HEADS, HEAD_DIM, device="cuda", generator=gen)
     if centroid_dtype == "float32":
         return centroid * BLOCK_SIZE, centroid - spread, centroid + spread
-    bits = CODE_BITS[centroid_dtype]
+    bits = centroid_bits(centroid_dtype)
     centroid, spread = centroid.cpu(), spread.cpu()  # the reference's rounding, on the host
     lo, hi = round_outward_bf16(centroid - spread, centroid + spread)
     codes = encode_centroids(centroid, lo, hi, bits)
@@ -209,7 +203,8 @@ def bench(
     except Exception as exc:  # API drift across FlashInfer versions: record, go on
         row["flashinfer_error"] = f"{type(exc).__name__}: {exc}"[:200]
     kept_bytes = batch * NUM_KV_HEADS * row["kept_pages"] * BLOCK_SIZE * HEAD_DIM * 2 * 2
-    row["bytes_min"] = kept_bytes + batch * NUM_KV_HEADS * pages * summary_bytes(centroid_dtype)
+    summary_total = batch * NUM_KV_HEADS * pages * summary_bytes(HEAD_DIM, centroid_dtype)
+    row["bytes_min"] = kept_bytes + summary_total
     row["whole_pct_ceiling"] = (
         100 * row["bytes_min"] / (row["whole_ms"] * 1e-3) / 1e9 / (COPY_CEILING_GBS)
     )
@@ -225,7 +220,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
     parser.add_argument("--budgets", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--replays", type=int, default=20)
-    parser.add_argument("--centroid-dtype", choices=list(CODE_BITS), default="float32")
+    parser.add_argument("--centroid-dtype", choices=CENTROID_DTYPES, default="float32")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -234,7 +229,8 @@ def main() -> None:
     rows = []
     cols = ["scoring", "selection", "selection_k16", "selection_torch", "attention", "whole"]
     cols += ["whole_eager"]
-    print(f"summaries: {args.centroid_dtype} ({summary_bytes(args.centroid_dtype)} B a page-head)")
+    page_head = summary_bytes(HEAD_DIM, args.centroid_dtype)
+    print(f"summaries: {args.centroid_dtype} ({page_head} B a page-head)")
     print("batch context budget kept " + " ".join(f"{c}_ms" for c in cols) + " fa3_ms fi_ms x_fa3")
     for batch in args.batches:
         for context in args.contexts:

@@ -21,7 +21,7 @@ from prhs_vllm.backend.reuse import ReuseConfig, ReuseState
 from prhs_vllm.backend.step import StepGraphs, sparse_step
 from prhs_vllm.config import PrhsConfig, PrhsConfigError, depth_fraction, resolve_config
 from prhs_vllm.ops import SelectionParams
-from prhs_vllm.ops.ref.quant import QuantizedCentroids, code_bytes
+from prhs_vllm.ops.ref.quant import QuantizedCentroids, centroid_bits, code_bytes, summary_bytes
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -154,7 +154,7 @@ class PageSummaries:
         if dtype == "float32":
             self.key_sum = torch.zeros(shape, dtype=torch.float32, device=device)
         else:
-            bits = 8 if dtype == "int8" else 4
+            bits = centroid_bits(dtype)
             codes = torch.zeros(
                 (num_pages, num_kv_heads, code_bytes(head_dim, bits)),
                 dtype=torch.uint8,
@@ -167,10 +167,7 @@ class PageSummaries:
 
     @staticmethod
     def bytes_per_page(num_kv_heads: int, head_dim: int, dtype: str = "float32") -> int:
-        if dtype == "float32":
-            return 3 * 4 * num_kv_heads * head_dim
-        bits = 8 if dtype == "int8" else 4
-        return num_kv_heads * (code_bytes(head_dim, bits) + 2 * 2 * head_dim)
+        return num_kv_heads * summary_bytes(head_dim, dtype)
 
 
 def summary_bytes_per_page(vllm_config: Any, num_kv_heads: int, head_dim: int) -> int:

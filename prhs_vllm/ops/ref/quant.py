@@ -24,10 +24,12 @@ import torch
 
 __all__ = [
     "QuantizedCentroids",
+    "centroid_bits",
     "code_bytes",
     "decode_centroids",
     "encode_centroids",
     "round_outward_bf16",
+    "summary_bytes",
     "update_quantized_summaries",
 ]
 
@@ -37,6 +39,20 @@ class QuantizedCentroids(NamedTuple):
 
     codes: torch.Tensor
     bits: int
+
+
+def centroid_bits(centroid_dtype: str) -> int:
+    """Bits of a centroid code: 8 (int8) or 4 (int4); 0 for the float32 sum."""
+    return {"float32": 0, "int8": 8, "int4": 4}[centroid_dtype]
+
+
+def summary_bytes(head_dim: int, centroid_dtype: str) -> int:
+    """Bytes of one page and KV head's summary: float32 sum / min / max, or
+    the codes plus the bfloat16 box."""
+    bits = centroid_bits(centroid_dtype)
+    if bits == 0:
+        return 3 * 4 * head_dim
+    return code_bytes(head_dim, bits) + 2 * 2 * head_dim
 
 
 def code_bytes(head_dim: int, bits: int) -> int:
