@@ -2,9 +2,10 @@
 
 One engine per process: `--backend dense|prhs` runs one configuration and
 appends a JSON line to `--out`. Decode tokens/s is measured as
-batch * output_len / (t(prefill + output_len tokens) - t(prefill + 1 token)),
-with prefix caching off so both runs prefill the same work, after a warm-up
-run of the same length (graphs captured on first use stay out of the timing).
+batch * output_len / (t(prefill + output_len tokens) - t(prefill + 1 token))
+(the median over `--repeats` such pairs), with prefix caching off so both
+runs prefill the same work, after a warm-up run of the same length (graphs
+captured on first use stay out of the timing).
 With `--cached-prefix` both timed runs find their prompts in vLLM's prefix
 cache (filled by the warm-up), so the difference is not taken between two
 ~15 s prefills: the decode time is measured more tightly.
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import threading
@@ -174,6 +176,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--out", default=None, help="append a JSON line here")
     parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="timed (prefill, prefill + decode) pairs; the median decode time is reported",
+    )
+    parser.add_argument(
         "--set",
         type=parse_override,
         action="append",
@@ -205,6 +213,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.backend == "dense" and (args.config or args.set):
         parser.error("--config and --set configure prhs; they do nothing with --backend dense")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     return args
 
 
@@ -261,8 +271,12 @@ def main() -> None:
     # first use of each (rows, context) bucket (vLLM's own graphs are captured
     # at start-up); that one-off cost is reported as warmup_s, not timed below.
     t_warmup, _ = timed(1 + args.output_len)
-    t_prefill, _ = timed(1)
-    t_full, outputs = timed(1 + args.output_len)
+    decode_runs, prefill_runs = [], []
+    for _ in range(args.repeats):
+        t_prefill, _ = timed(1)
+        t_full, outputs = timed(1 + args.output_len)
+        prefill_runs.append(t_prefill)
+        decode_runs.append(t_full - t_prefill)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -278,7 +292,7 @@ def main() -> None:
         with StackSampler(threading.get_ident()) as sampler:
             t_sampled, _ = timed(1 + args.output_len)
         Path(args.sample_stacks).write_text(f"sampled run: {t_sampled:.3f} s\n" + sampler.report())
-    decode_s = t_full - t_prefill
+    decode_s = statistics.median(decode_runs)
     result = {
         "backend": args.backend,
         "model": args.model,
@@ -290,9 +304,10 @@ def main() -> None:
         "output_len": args.output_len,
         "cached_prefix": bool(args.cached_prefix or args.profile),
         "warmup_s": round(t_warmup, 3),
-        "prefill_s": round(t_prefill, 3),
+        "prefill_s": round(statistics.median(prefill_runs), 3),
         "decode_s": round(decode_s, 3),
         "decode_tok_per_s": round(args.batch * args.output_len / decode_s, 1),
+        "decode_tok_per_s_runs": [round(args.batch * args.output_len / d, 1) for d in decode_runs],
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
         "first_tokens": [list(o.outputs[0].token_ids[:16]) for o in outputs],
     }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (vLLM 0.26.0 staged): the phases named on the command line,
 # results in $OUT. Phases: setup, tests, ops, ops-int8, sweep, sweep-scoring, profile,
-# e2e, e2e-16, e2e-int8, fallback, fallback-stacks, fallback-bisect, graphs.
+# e2e, e2e-16, e2e-int8, fallback, fallback-ab, fallback-stacks, fallback-bisect, graphs.
 #   bash benchmarks/gpu_run.sh setup tests ops
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -71,6 +71,13 @@ for phase in "$@"; do
       done
       python3 -c "import json,sys; [print(r['backend'], r['overrides'], r['decode_tok_per_s']) for r in map(json.loads, open(sys.argv[1]))]" \
         "$out/e2e_b12x1900_bisect.jsonl" ;;
+    fallback-ab)  # the fallback as prhs, dense, prhs, dense: 5 timed runs each (medians)
+      for b in prhs dense prhs dense; do
+        "${e2e[@]}" --backend $b --context 1900 --output-len 128 --repeats 5 \
+          --out "$out/e2e_b12x1900_ab.jsonl" 2>&1 | grep '^{' | cut -c1-160
+      done
+      python3 -c "import json,sys; [print(r['backend'], r['decode_tok_per_s'], r['decode_tok_per_s_runs']) for r in map(json.loads, open(sys.argv[1]))]" \
+        "$out/e2e_b12x1900_ab.jsonl" ;;
     fallback)  # 1900 + 128 tokens < min_context 2048: prhs runs dense throughout
       for b in prhs dense; do
         "${e2e[@]}" --backend $b --context 1900 --output-len 128 --out "$out/e2e_b12x1900.jsonl" \

@@ -21,11 +21,16 @@ TORCH_LIBRARY(prhs, m) {
   m.def(
       "update_page_summaries(Tensor key, Tensor slot_mapping, int block_size, "
       "Tensor(a!) key_sum, Tensor(b!) key_min, Tensor(c!) key_max) -> ()");
+  m.def(
+      "write_cache_and_summaries(Tensor key, Tensor value, Tensor! key_cache, "
+      "Tensor! value_cache, Tensor slot_mapping, Tensor(a!) key_sum, Tensor(b!) key_min, "
+      "Tensor(c!) key_max) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(prhs, CUDA, m) {
   m.impl("sparse_paged_decode", &sparse_paged_decode);
   m.impl("update_page_summaries", &update_page_summaries);
+  m.impl("write_cache_and_summaries", &write_cache_and_summaries);
 }
 
 // The ops register when the library loads; the module itself is empty.

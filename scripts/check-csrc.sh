@@ -37,10 +37,14 @@ import re, sys
 def pretty(mangled):
     """_ZN4prhs13sparse_decode26sparse_decode_split_kernelI13__nv_bfloat16Li128ELi4EEEv...
     -> sparse_decode_split_kernel<bf16, 128, 4>"""
-    summary = re.search(r"update_summaries_kernelI(13__nv_bfloat16|6__half|f)([il])E", mangled)
+    summary = re.search(
+        r"(update_summaries_kernel|write_cache_and_summaries_kernel)I(13__nv_bfloat16|6__half|f)([il])E",
+        mangled,
+    )
     if summary:
-        key = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}[summary.group(1)]
-        return f"update_summaries_kernel<{key}, int{32 if summary.group(2) == 'i' else 64}>"
+        kernel, key, slot = summary.groups()
+        key = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}[key]
+        return f"{kernel}<{key}, int{32 if slot == 'i' else 64}>"
     kernel = re.search(r"sparse_decode\d+(\w+?_kernel)I", mangled)
     if not kernel:
         return mangled
@@ -63,9 +67,9 @@ for line in open(sys.argv[1]):
     if m and name:
         rows.append((arch, pretty(name), int(m.group(1)), stack, st, ld))
         name = None
-print(f"{'arch':8} {'kernel':44} {'regs':>4} {'stack':>5} {'spill st':>8} {'spill ld':>8}")
+print(f"{'arch':8} {'kernel':48} {'regs':>4} {'stack':>5} {'spill st':>8} {'spill ld':>8}")
 for r in sorted(rows):
-    print(f"{r[0]:8} {r[1]:44} {r[2]:4d} {r[3]:5d} {r[4]:8d} {r[5]:8d}")
+    print(f"{r[0]:8} {r[1]:48} {r[2]:4d} {r[3]:5d} {r[4]:8d} {r[5]:8d}")
 spills = [r for r in rows if r[4] or r[5]]
 if not rows:
     print("check-csrc: FAILED (no ptxas report parsed)")

@@ -437,6 +437,58 @@ def test_split_kv_cache_returns_written_keys_and_values(base_configs, dtype, gen
     assert torch.equal(read_k, key), f"key layout (isa {isa})"
 
 
+@pytest.mark.parametrize("spec", SPECS[:2], ids=lambda s: s.name)
+def test_fused_cache_write_stores_what_vllm_writes(base_configs, spec, gen, monkeypatch):
+    """A platform that fuses the cache write with the summary update
+    (``fused_cache_write``; the torch reference stands in for the csrc op
+    here) leaves the cache bit for bit as vLLM's own write does, the same
+    summaries and the same outputs, and the layer writes through it alone."""
+    from prhs_vllm import ops
+    from prhs_vllm.ops.ref import write_cache_and_summaries
+
+    calls = []
+
+    def reference_writer(key, value, key_cache, value_cache, slot_mapping, *summaries):
+        def write(key, value, slot_mapping):
+            calls.append(slot_mapping.shape[0])
+            write_cache_and_summaries(key, value, key_cache, value_cache, slot_mapping, *summaries)
+
+        return write
+
+    monkeypatch.setattr(ops, "cache_writer", reference_writer)
+    dtype = torch.bfloat16
+    fused, plain = (prhs_runner(base_configs, dtype, SPARSE) for _ in range(2))
+    fused.impl.fused_cache_write = True
+    for batch in Workload(spec, dtype, gen).batches():
+        got, want = fused.step(batch), plain.step(batch)
+        assert torch.equal(fused.kv_cache, plain.kv_cache)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)  # padding: nan
+        for name in ("key_sum", "key_min", "key_max"):
+            assert torch.equal(
+                getattr(fused.impl._summaries, name), getattr(plain.impl._summaries, name)
+            ), name
+    assert len(calls) == len(spec.steps)
+    assert any(m.sparse is not None for m in fused.metadata), "no sparse step ran"
+
+
+def test_cache_writer_declines_what_its_op_does_not_serve(gen):
+    """``ops.cache_writer`` is the csrc op or None: on CPU tensors, for quantized
+    summaries and for a cache of another dtype than the rows the layer falls
+    back to the platform's write plus ``summary_updater``."""
+    from prhs_vllm import ops
+    from prhs_vllm.backend.common import PageSummaries
+
+    key = torch.randn(4, NUM_KV_HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)
+    cache = torch.zeros(NUM_PAGES, NUM_KV_HEADS, BLOCK_SIZE, 2 * HEAD_DIM, dtype=torch.bfloat16)
+    caches = (cache[..., :HEAD_DIM], cache[..., HEAD_DIM:])
+    slots = torch.arange(4)
+    for dtype in ("float32", "int8"):
+        s = PageSummaries(NUM_PAGES, NUM_KV_HEADS, HEAD_DIM, "cpu", dtype)
+        sums = (s.key_sum, s.key_min, s.key_max)
+        assert ops.cache_writer(key, key, *caches, slots, *sums) is None
+        assert ops.cache_writer(key.float(), key.float(), *caches, slots, *sums) is None
+
+
 def test_summaries_follow_a_reallocated_kv_cache(base_configs, gen):
     """vLLM allocates the KV cache twice (profiling, then for real): the summary
     update bound at a layer's first write must move to the summaries of the

@@ -1,7 +1,7 @@
 // CI check: instantiates every sparse decode kernel (bf16/fp16 x head_dim
-// 64/128/256 x GMAX 1/2/4/8), every page-summary update kernel and their host
-// dispatch without torch, so the kernels compile on machines with nvcc but no
-// CUDA torch. Never run.
+// 64/128/256 x GMAX 1/2/4/8), every page-summary update and fused cache write
+// kernel and their host dispatch without torch, so the kernels compile on
+// machines with nvcc but no CUDA torch. Never run.
 #include "../sparse_decode/sparse_decode_dispatch.cuh"
 #include "../summaries/update_summaries_kernel.cuh"
 
@@ -43,11 +43,14 @@ cudaError_t prhs_compile_check(sd::Params p, void* workspace, cudaStream_t strea
   return sd::run(p, plan, workspace, stream);
 }
 
-// Every summary update instance (key fp32 / fp16 / bf16 x slot int64 / int32).
-cudaError_t prhs_compile_check_summaries(prhs::summaries::UpdateParams p, cudaStream_t stream) {
+// Every summary update and fused cache write instance (key fp32 / fp16 / bf16
+// x slot int64 / int32).
+cudaError_t prhs_compile_check_summaries(prhs::summaries::CacheWriteParams c, cudaStream_t stream) {
   for (int key_dtype = 0; key_dtype < 3; ++key_dtype) {
     for (int slot_bytes : {4, 8}) {
-      const cudaError_t err = prhs::summaries::launch_update_summaries(p, key_dtype, slot_bytes, stream);
+      cudaError_t err = prhs::summaries::launch_update_summaries(c.summaries, key_dtype, slot_bytes, stream);
+      if (err != cudaSuccess) return err;
+      err = prhs::summaries::launch_write_cache_and_summaries(c, key_dtype, slot_bytes, stream);
       if (err != cudaSuccess) return err;
     }
   }

@@ -8,10 +8,13 @@
 
 namespace su = prhs::summaries;
 
-void update_page_summaries(const at::Tensor& key, const at::Tensor& slot_mapping,
-                           int64_t block_size, at::Tensor& key_sum, at::Tensor& key_min,
-                           at::Tensor& key_max) {
-  TORCH_CHECK(key.is_cuda(), "prhs update_page_summaries: key must be a CUDA tensor");
+namespace {
+
+// The checks shared by both ops, then their UpdateParams.
+su::UpdateParams update_params(const at::Tensor& key, const at::Tensor& slot_mapping,
+                               int64_t block_size, at::Tensor& key_sum, at::Tensor& key_min,
+                               at::Tensor& key_max) {
+  TORCH_CHECK(key.is_cuda(), "prhs summaries: key must be a CUDA tensor");
   TORCH_CHECK(key.dim() == 3, "key must be [T, H, D], got ", key.dim(), " dims");
   TORCH_CHECK(key.stride(2) == 1, "key must be contiguous in its last dim");
   const auto key_type = key.scalar_type();
@@ -51,10 +54,68 @@ void update_page_summaries(const at::Tensor& key, const at::Tensor& slot_mapping
   p.num_heads = static_cast<int>(key.size(1));
   p.head_dim = static_cast<int>(key.size(2));
   p.block_size = static_cast<int>(block_size);
-  const int key_dtype = key_type == at::kFloat ? 0 : (key_type == at::kHalf ? 1 : 2);
+  return p;
+}
+
+int key_dtype_code(const at::Tensor& key) {
+  const auto type = key.scalar_type();
+  return type == at::kFloat ? 0 : (type == at::kHalf ? 1 : 2);
+}
+
+int slot_bytes(const at::Tensor& slot_mapping) {
+  return slot_mapping.scalar_type() == at::kLong ? 8 : 4;
+}
+
+}  // namespace
+
+void update_page_summaries(const at::Tensor& key, const at::Tensor& slot_mapping,
+                           int64_t block_size, at::Tensor& key_sum, at::Tensor& key_min,
+                           at::Tensor& key_max) {
+  const su::UpdateParams p =
+      update_params(key, slot_mapping, block_size, key_sum, key_min, key_max);
   const c10::cuda::CUDAGuard guard(key.device());
   const cudaError_t err = su::launch_update_summaries(
-      p, key_dtype, slot_type == at::kLong ? 8 : 4, c10::cuda::getCurrentCUDAStream());
+      p, key_dtype_code(key), slot_bytes(slot_mapping), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "prhs update_page_summaries: launch failed: ",
+              cudaGetErrorString(err));
+}
+
+void write_cache_and_summaries(const at::Tensor& key, const at::Tensor& value,
+                               at::Tensor& key_cache, at::Tensor& value_cache,
+                               const at::Tensor& slot_mapping, at::Tensor& key_sum,
+                               at::Tensor& key_min, at::Tensor& key_max) {
+  TORCH_CHECK(key_cache.dim() == 4, "key_cache must be [P, H, block_size, D], got ",
+              key_cache.dim(), " dims");
+  const int64_t block_size = key_cache.size(2);
+  su::CacheWriteParams c{};
+  c.summaries = update_params(key, slot_mapping, block_size, key_sum, key_min, key_max);
+  TORCH_CHECK(value.sizes() == key.sizes() && value.stride(2) == 1,
+              "value must match key's shape, contiguous in its last dim");
+  TORCH_CHECK(value_cache.sizes() == key_cache.sizes() &&
+                  value_cache.strides() == key_cache.strides(),
+              "key_cache and value_cache must share shape and strides");
+  TORCH_CHECK(key_cache.size(1) == key.size(1) && key_cache.size(3) == key.size(2) &&
+                  key_cache.stride(3) == 1,
+              "key_cache must be [P, ", key.size(1), ", block_size, ", key.size(2),
+              "], contiguous in its last dim");
+  TORCH_CHECK(key_cache.size(0) == key_sum.size(0), "key_cache has ", key_cache.size(0),
+              " pages, the summaries ", key_sum.size(0));
+  const at::Tensor* const rows_and_caches[] = {&value, &key_cache, &value_cache};
+  for (const at::Tensor* t : rows_and_caches) {
+    TORCH_CHECK(t->scalar_type() == key.scalar_type() && t->device() == key.device(),
+                "key, value, key_cache and value_cache must share dtype and device");
+  }
+  c.value = value.data_ptr();
+  c.value_stride_t = value.stride(0);
+  c.value_stride_h = value.stride(1);
+  c.key_cache = key_cache.data_ptr();
+  c.value_cache = value_cache.data_ptr();
+  c.cache_stride_page = key_cache.stride(0);
+  c.cache_stride_head = key_cache.stride(1);
+  c.cache_stride_token = key_cache.stride(2);
+  const c10::cuda::CUDAGuard guard(key.device());
+  const cudaError_t err = su::launch_write_cache_and_summaries(
+      c, key_dtype_code(key), slot_bytes(slot_mapping), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "prhs write_cache_and_summaries: launch failed: ",
               cudaGetErrorString(err));
 }

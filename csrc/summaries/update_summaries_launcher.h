@@ -1,4 +1,4 @@
-// Torch entry point of the page-summary update (see update_summaries_launcher.cu).
+// Torch entry points of the page-summary update (see update_summaries_launcher.cu).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,3 +11,11 @@
 void update_page_summaries(const at::Tensor& key, const at::Tensor& slot_mapping,
                            int64_t block_size, at::Tensor& key_sum, at::Tensor& key_min,
                            at::Tensor& key_max);
+
+// vLLM's KV cache write for an unquantized cache (key and value rows [T, H, D]
+// copied to their slots in key_cache / value_cache [P, H, block_size, D], same
+// dtype as key) and update_page_summaries, in one launch.
+void write_cache_and_summaries(const at::Tensor& key, const at::Tensor& value,
+                               at::Tensor& key_cache, at::Tensor& value_cache,
+                               const at::Tensor& slot_mapping, at::Tensor& key_sum,
+                               at::Tensor& key_min, at::Tensor& key_max);

@@ -294,8 +294,13 @@ class PrhsImplMixin:
     """Wraps the platform impl: summaries on cache writes, sparse decode rows.
 
     Platform modules provide ``split_kv_cache(kv_cache) -> (key_cache,
-    value_cache)``, each [num_pages, num_kv_heads, block_size, head_dim].
+    value_cache)``, each [num_pages, num_kv_heads, block_size, head_dim], and
+    set ``fused_cache_write`` where the platform's cache write is a plain copy
+    of the rows into their slots (``ops.cache_writer`` then does it, with the
+    summaries, in one launch).
     """
+
+    fused_cache_write = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -309,8 +314,8 @@ class PrhsImplMixin:
         self._dense_reason = dense_reason(self, self.kv_cache_dtype)
         self._sparse_layer: bool | None = None  # known once the layer name is seen
         self._summaries: PageSummaries | None = None
-        # (KV cache data_ptr, update(key, slot_mapping)) once the layer has written.
-        self._summary_update: tuple[int, Any] | None = None
+        # (KV cache data_ptr, this layer's do_kv_cache_update) once it has written.
+        self._cache_write: tuple[int, Any] | None = None
         self._reuse: tuple[ReuseState, ReuseConfig] | None = None
         self._max_pages_per_seq = 0
         model_config = getattr(vllm_config, "model_config", None)
@@ -357,23 +362,49 @@ class PrhsImplMixin:
         return self._summaries
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        if kv_cache.numel() == 0 or not self._layer_is_sparse(layer):
-            return
-        bound = self._summary_update
+        bound = self._cache_write
         if bound is None or bound[0] != kv_cache.data_ptr():
-            # Once per layer (and per KV cache allocation): the update with its
+            # Once per layer (and per KV cache allocation): the write with its
             # fixed arguments checked and bound, so each step pays little more
-            # than the launch (the fallback's cost is host time per layer).
-            summaries = self._page_summaries(kv_cache)
-            update = ops.summary_updater(
-                key, slot_mapping, kv_cache.shape[2],
-                summaries.key_sum, summaries.key_min, summaries.key_max,
-            )  # fmt: skip
-            bound = self._summary_update = (kv_cache.data_ptr(), update)
-        bound[1](key, slot_mapping)
-        if self._reuse is not None:
-            self._reuse[0].invalidate_written(slot_mapping, kv_cache.shape[2])
+            # than the launch (the dense fallback's cost is host time per layer).
+            write = self._bind_cache_write(layer, key, value, kv_cache, slot_mapping)
+            bound = self._cache_write = (kv_cache.data_ptr(), write)
+        bound[1](layer, key, value, kv_cache, slot_mapping)
+
+    def _bind_cache_write(self, layer, key, value, kv_cache, slot_mapping):
+        """This layer's ``do_kv_cache_update``: vLLM's, plus the page-summary
+        update on a sparse layer -- fused into one op with the cache write where
+        the platform's write is a plain copy (``fused_cache_write``)."""
+        vllm_write = super().do_kv_cache_update
+        if kv_cache.numel() == 0 or not self._layer_is_sparse(layer):
+            return vllm_write
+        summaries = self._page_summaries(kv_cache)
+        sums = (summaries.key_sum, summaries.key_min, summaries.key_max)
+        fused = None
+        if self.fused_cache_write:
+            key_cache, value_cache = self.split_kv_cache(kv_cache)
+            fused = ops.cache_writer(key, value, key_cache, value_cache, slot_mapping, *sums)
+        if fused is not None:
+
+            def write(layer, key, value, kv_cache, slot_mapping):
+                fused(key, value, slot_mapping)
+
+        else:
+            update = ops.summary_updater(key, slot_mapping, kv_cache.shape[2], *sums)
+
+            def write(layer, key, value, kv_cache, slot_mapping):
+                vllm_write(layer, key, value, kv_cache, slot_mapping)
+                update(key, slot_mapping)
+
+        if self._reuse is None:
+            return write
+        invalidate, block_size = self._reuse[0].invalidate_written, kv_cache.shape[2]
+
+        def write_and_invalidate(layer, key, value, kv_cache, slot_mapping):
+            write(layer, key, value, kv_cache, slot_mapping)
+            invalidate(slot_mapping, block_size)
+
+        return write_and_invalidate
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         if not isinstance(attn_metadata, PrhsMetadata):  # profiling run (None)

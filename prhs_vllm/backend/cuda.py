@@ -20,6 +20,10 @@ class PrhsFlashAttentionMetadataBuilder(PrhsBuilderMixin, FlashAttentionMetadata
 class PrhsFlashAttentionImpl(PrhsImplMixin, FlashAttentionImpl):
     """FlashAttention's impl; sparse decode rows go through the prhs ops."""
 
+    # vLLM 0.26's write is reshape_and_cache_flash, a copy for the unquantized
+    # caches prhs layers run on (fp8 caches keep their layers dense).
+    fused_cache_write = True
+
     def split_kv_cache(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[P, H, bs, 2D] cache -> key and value views, each [P, H, bs, D].
 

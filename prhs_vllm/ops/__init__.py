@@ -36,6 +36,7 @@ __all__ = [
     "kernel_report",
     "select",
     "sparse_decode",
+    "cache_writer",
     "summary_updater",
     "update_summaries",
 ]
@@ -110,6 +111,24 @@ def summary_updater(key, slot_mapping, block_size, key_sum, key_min, key_max):
         return bind_update(key, slot_mapping, block_size, key_sum, key_min, key_max)
     return lambda key, slot_mapping: update_summaries(
         key, slot_mapping, block_size, key_sum, key_min, key_max
+    )
+
+
+def cache_writer(key, value, key_cache, value_cache, slot_mapping, key_sum, key_min, key_max):
+    """One layer's KV cache write and summary update as one launch, bound
+    (``cuda.summaries.bind_cache_write``): write(key, value, slot_mapping) -> None.
+
+    None where that op does not serve these tensors (no csrc kernels, CPU
+    tensors, quantized summaries, a cache dtype other than the rows'): the
+    caller then writes the cache its own way and uses ``summary_updater``.
+    Arguments as in ``ref.write_cache_and_summaries`` (a first step's rows).
+    """
+    if not (_csrc_updates(key, key_sum) and key.dtype == value.dtype == key_cache.dtype):
+        return None
+    from prhs_vllm.ops.cuda.summaries import bind_cache_write
+
+    return bind_cache_write(
+        key, value, key_cache, value_cache, slot_mapping, key_sum, key_min, key_max
     )
 
 

@@ -1,6 +1,6 @@
-"""Page-summary update on CUDA: ``torch.ops.prhs.update_page_summaries``
-(csrc/summaries) behind the signature of
-``prhs_vllm.ops.ref.update_page_summaries``.
+"""Page-summary update on CUDA: ``torch.ops.prhs.update_page_summaries`` and
+``torch.ops.prhs.write_cache_and_summaries`` (csrc/summaries) behind the
+signatures of their ``prhs_vllm.ops.ref`` references.
 
 One launch, no atomics: the tokens of a page form one run in ``slot_mapping``
 (vLLM writes each request's new tokens contiguously, in slot order), and the
@@ -57,25 +57,123 @@ def bind_update(key, slot_mapping, block_size, key_sum, key_min, key_max):
     """
     _check(key, slot_mapping, block_size, key_sum, key_min, key_max)
     op = _ops().update_page_summaries.default
-    row_shape, device = tuple(key.shape[1:]), key.get_device()
+    row_shape, device = key.shape[1:], key.get_device()
 
     def update(key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        if not (
-            key.dtype in _KEY_DTYPES
-            and slot_mapping.dtype in _SLOT_DTYPES
-            and key.dim() == 3
-            and tuple(key.shape[1:]) == row_shape
-            and key.stride(2) == 1
-            and slot_mapping.dim() == 1
-            and slot_mapping.stride(0) == 1
-            and slot_mapping.shape[0] <= key.shape[0]
-            and key.get_device() == device
-            and slot_mapping.get_device() == device
-        ):
+        if not (key.dtype in _KEY_DTYPES and _step_args_fit(key, slot_mapping, row_shape, device)):
             _check(key, slot_mapping, block_size, key_sum, key_min, key_max)  # raises
         op(key, slot_mapping, block_size, key_sum, key_min, key_max)
 
     return update
+
+
+def write_cache_and_summaries(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    key_sum: torch.Tensor,
+    key_min: torch.Tensor,
+    key_max: torch.Tensor,
+) -> None:
+    """vLLM's KV cache write for an unquantized cache plus ``update_page_summaries``,
+    in one launch (``torch.ops.prhs.write_cache_and_summaries``); the signature of
+    ``prhs_vllm.ops.ref.write_cache_and_summaries``. The cache rows are copies,
+    bit for bit what vLLM's ``reshape_and_cache_flash`` writes.
+
+    Args:
+        key, value: [T, H, D] CUDA rows (bf16 / fp16 / fp32, the caches' dtype),
+            channels contiguous.
+        key_cache, value_cache: [P, H, block_size, D] views sharing shape and
+            strides, channels contiguous.
+        slot_mapping: [T'] int64 / int32, as in ``update_page_summaries``.
+        key_sum, key_min, key_max: [P, H, D] float32 (same P as the caches).
+    Raises:
+        ValueError: naming the argument that does not fit (checked here, before the op).
+    """
+    args = (key, value, key_cache, value_cache, slot_mapping, key_sum, key_min, key_max)
+    _check_cache_write(*args)
+    _ops().write_cache_and_summaries(*args)
+
+
+def bind_cache_write(key, value, key_cache, value_cache, slot_mapping, key_sum, key_min, key_max):
+    """``write_cache_and_summaries`` with the caches and summaries fixed, for one
+    layer's cache writes (per layer and step the host time is the cost): the
+    fixed arguments are checked here, once; each call re-checks only what a
+    step can change (key, value and slot_mapping), with the same errors.
+
+    Args:
+        key, value, slot_mapping: a first step's; the rest as in
+            ``write_cache_and_summaries``.
+    Returns:
+        write(key [T, H, D], value [T, H, D], slot_mapping [T']) -> None.
+    """
+    _check_cache_write(key, value, key_cache, value_cache, slot_mapping, key_sum, key_min, key_max)
+    op = _ops().write_cache_and_summaries.default
+    row_shape, device, dtype = key.shape[1:], key.get_device(), key_cache.dtype
+
+    def write(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        if not (
+            key.dtype == dtype
+            and value.dtype == dtype
+            and value.shape == key.shape
+            and value.stride(2) == 1
+            and value.get_device() == device
+            and _step_args_fit(key, slot_mapping, row_shape, device)
+        ):
+            _check_cache_write(  # raises
+                key, value, key_cache, value_cache, slot_mapping, key_sum, key_min, key_max
+            )
+        op(key, value, key_cache, value_cache, slot_mapping, key_sum, key_min, key_max)
+
+    return write
+
+
+def _step_args_fit(key, slot_mapping, row_shape, device) -> bool:
+    """The per-step part of ``_check`` (key's dtype aside), as one fast test."""
+    return (
+        slot_mapping.dtype in _SLOT_DTYPES
+        and key.dim() == 3
+        and key.shape[1:] == row_shape
+        and key.stride(2) == 1
+        and slot_mapping.dim() == 1
+        and slot_mapping.stride(0) == 1
+        and slot_mapping.shape[0] <= key.shape[0]
+        and key.get_device() == device
+        and slot_mapping.get_device() == device
+    )
+
+
+def _check_cache_write(key, value, key_cache, value_cache, slot_mapping, *summaries) -> None:
+    if key_cache.dim() != 4:
+        raise ValueError(f"key_cache must be [P, H, block_size, D], got {key_cache.dim()} dims")
+    _check(key, slot_mapping, key_cache.shape[2], *summaries)
+    if value.shape != key.shape or value.stride(2) != 1:
+        raise ValueError(
+            f"value must be {list(key.shape)} like key, contiguous in its last dim; "
+            f"got {list(value.shape)}"
+        )
+    num_heads, head_dim = key.shape[1:]
+    if key_cache.shape[1] != num_heads or key_cache.shape[3] != head_dim:
+        raise ValueError(
+            f"key_cache must be [P, {num_heads}, block_size, {head_dim}], "
+            f"got {list(key_cache.shape)}"
+        )
+    if value_cache.shape != key_cache.shape or value_cache.stride() != key_cache.stride():
+        raise ValueError("key_cache and value_cache must share shape and strides")
+    if key_cache.stride(3) != 1:
+        raise ValueError("the caches must be contiguous in their last dim")
+    if key_cache.shape[0] != summaries[0].shape[0]:
+        raise ValueError(
+            f"the caches have {key_cache.shape[0]} pages, the summaries {summaries[0].shape[0]}"
+        )
+    for name, t in (("value", value), ("key_cache", key_cache), ("value_cache", value_cache)):
+        if t.dtype != key.dtype or t.device != key.device:
+            raise ValueError(
+                f"{name} must have key's dtype and device ({key.dtype}, {key.device}), "
+                f"got {t.dtype}, {t.device}"
+            )
 
 
 def _check(key, slot_mapping, block_size, key_sum, key_min, key_max) -> None:

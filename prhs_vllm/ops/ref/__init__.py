@@ -11,7 +11,7 @@ from prhs_vllm.ops.ref.selection import (
     select_pages,
 )
 from prhs_vllm.ops.ref.sparse_decode import sparse_paged_decode
-from prhs_vllm.ops.ref.summaries import update_page_summaries
+from prhs_vllm.ops.ref.summaries import update_page_summaries, write_cache_and_summaries
 
 __all__ = [
     "Selection",
@@ -24,4 +24,5 @@ __all__ = [
     "select_pages",
     "sparse_paged_decode",
     "update_page_summaries",
+    "write_cache_and_summaries",
 ]

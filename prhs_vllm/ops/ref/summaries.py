@@ -49,3 +49,37 @@ def update_page_summaries(
     index = pages[:, None, None].expand_as(keys)
     key_min.scatter_reduce_(0, index, keys, "amin", include_self=True)
     key_max.scatter_reduce_(0, index, keys, "amax", include_self=True)
+
+
+def write_cache_and_summaries(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    key_sum: torch.Tensor,
+    key_min: torch.Tensor,
+    key_max: torch.Tensor,
+) -> None:
+    """vLLM's KV cache write for an unquantized paged cache, then
+    ``update_page_summaries``: each real token's key and value rows copied to
+    its slot, in place.
+
+    Args:
+        key, value: [T, H, D] rows of this step, the dtype of the caches; rows
+            past ``slot_mapping.shape[0]`` are padding and ignored.
+        key_cache, value_cache: [P, H, block_size, D] paged caches (views).
+        slot_mapping: [T'] int, T' <= T, slot = page * block_size + offset;
+            -1 marks padding.
+        key_sum, key_min, key_max: [P, H, D] float32 summaries, as in
+            ``update_page_summaries``.
+    """
+    block_size = key_cache.shape[2]
+    slots = slot_mapping.to(torch.long)
+    rows = (slots >= 0).nonzero().squeeze(1)
+    pages = torch.div(slots[rows], block_size, rounding_mode="floor")
+    offsets = slots[rows] % block_size
+    # Advanced indices around a slice: the indexed view is [n, H, D].
+    key_cache[pages, :, offsets] = key[rows]
+    value_cache[pages, :, offsets] = value[rows]
+    update_page_summaries(key, slot_mapping, block_size, key_sum, key_min, key_max)
