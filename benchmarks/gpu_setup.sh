@@ -9,6 +9,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   site=$(python3 -c 'import site; print(site.getsitepackages()[0])')
   echo /tmp/site-extra > "$site/zz-prhs-extra.pth"
 fi
+# The image's CC (/opt/gcc/bin/gcc, a wrapper over its own gcc runtime) builds an
+# extension whose C++ exceptions (TORCH_CHECK) kill the process instead of
+# raising RuntimeError; the system gcc does not (benchmarks/probe_cpp_errors.sh).
+if [ -x /usr/bin/gcc ] && [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 python3 setup.py -q build_ext --inplace 2>&1 | grep -v -i warning | tail -5 || true
 site=$(python3 -c 'import site; print(site.getsitepackages()[0])')
 echo "$PWD" > "$site/prhs-vllm-src.pth"
