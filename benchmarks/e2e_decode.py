@@ -261,22 +261,26 @@ def main() -> None:
         for _ in range(args.batch)
     ]
 
+    cpu_times = []  # CPU seconds of this thread per timed() call
+
     def timed(max_tokens: int) -> tuple[float, list]:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         outputs = llm.generate(prompts, params, use_tqdm=False)
+        cpu_times.append(time.thread_time() - cpu)
         return time.perf_counter() - start, outputs
 
     # Warm-up with decode steps: prhs captures its sparse step's CUDA graphs on
     # first use of each (rows, context) bucket (vLLM's own graphs are captured
     # at start-up); that one-off cost is reported as warmup_s, not timed below.
     t_warmup, _ = timed(1 + args.output_len)
-    decode_runs, prefill_runs = [], []
+    decode_runs, prefill_runs, decode_cpu = [], [], []
     for _ in range(args.repeats):
         t_prefill, _ = timed(1)
         t_full, outputs = timed(1 + args.output_len)
         prefill_runs.append(t_prefill)
         decode_runs.append(t_full - t_prefill)
+        decode_cpu.append(cpu_times[-1] - cpu_times[-2])
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -311,6 +315,12 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
         "first_tokens": [list(o.outputs[0].token_ids[:16]) for o in outputs],
     }
+    if result["in_process"]:
+        # The engine steps in this thread: its CPU time per decode step is the
+        # host work of a step, which wall-clock noise between runs does not inflate.
+        per_step = [1e3 * c / args.output_len for c in decode_cpu]
+        result["host_cpu_ms_per_step"] = round(statistics.median(per_step), 3)
+        result["host_cpu_ms_per_step_runs"] = [round(c, 3) for c in per_step]
     result["gpu_memory_utilization"] = args.gpu_memory_utilization
     result.update(kv_capacity(llm, args))
     try:

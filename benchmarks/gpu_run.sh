@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine (vLLM 0.26.0 staged): the phases named on the command line,
 # results in $OUT. Phases: setup, tests, ops, ops-int8, sweep, sweep-scoring, profile,
-# e2e, e2e-16, e2e-int8, fallback, fallback-ab, fallback-stacks, fallback-bisect, graphs.
+# e2e, e2e-16, e2e-int8, fallback, fallback-ab, fallback-cpu, fallback-stacks, fallback-bisect,
+# graphs.
 #   bash benchmarks/gpu_run.sh setup tests ops
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -78,6 +79,13 @@ for phase in "$@"; do
       done
       python3 -c "import json,sys; [print(r['backend'], r['decode_tok_per_s'], r['decode_tok_per_s_runs']) for r in map(json.loads, open(sys.argv[1]))]" \
         "$out/e2e_b12x1900_ab.jsonl" ;;
+    fallback-cpu)  # in-process: the engine thread's CPU time per decode step, dense vs prhs
+      for b in dense prhs; do
+        "${e2e[@]}" --backend $b --context 1900 --output-len 128 --repeats 5 --in-process \
+          --out "$out/e2e_b12x1900_cpu.jsonl" 2>&1 | grep '^{' | cut -c1-80
+      done
+      python3 -c "import json,sys; [print(r['backend'], r['decode_tok_per_s'], r['host_cpu_ms_per_step'], r['host_cpu_ms_per_step_runs']) for r in map(json.loads, open(sys.argv[1]))]" \
+        "$out/e2e_b12x1900_cpu.jsonl" ;;
     fallback)  # 1900 + 128 tokens < min_context 2048: prhs runs dense throughout
       for b in prhs dense; do
         "${e2e[@]}" --backend $b --context 1900 --output-len 128 --out "$out/e2e_b12x1900.jsonl" \
