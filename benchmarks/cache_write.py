@@ -16,40 +16,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import sys
 import time
 import types
 from pathlib import Path
 
 import torch
 
-NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from e2e_decode import LLAMA3_8B, dummy_model_dir  # noqa: E402
+
+NUM_HEADS = LLAMA3_8B["num_attention_heads"]
+NUM_KV_HEADS = LLAMA3_8B["num_key_value_heads"]
+HEAD_DIM = LLAMA3_8B["head_dim"]
+BLOCK_SIZE = 16
 
 
 def vllm_config():
-    """A VllmConfig of a LLaMA-3-8B-shaped model (config.json only)."""
+    """A VllmConfig of the LLaMA-3-8B shape ``e2e_decode.py`` serves (config.json only)."""
     from vllm.config import CacheConfig, ModelConfig, VllmConfig
 
-    model_dir = Path(tempfile.mkdtemp(prefix="prhs-cache-write-"))
-    (model_dir / "config.json").write_text(
-        json.dumps(
-            {
-                "architectures": ["LlamaForCausalLM"],
-                "model_type": "llama",
-                "hidden_size": NUM_HEADS * HEAD_DIM,
-                "head_dim": HEAD_DIM,
-                "intermediate_size": 14336,
-                "num_attention_heads": NUM_HEADS,
-                "num_key_value_heads": NUM_KV_HEADS,
-                "num_hidden_layers": 32,
-                "vocab_size": 128256,
-                "max_position_embeddings": 131072,
-                "torch_dtype": "bfloat16",
-            }
-        )
-    )
     model = ModelConfig(
-        model=str(model_dir), dtype=torch.bfloat16, max_model_len=32768, skip_tokenizer_init=True
+        model=dummy_model_dir(LLAMA3_8B),
+        dtype=torch.bfloat16,
+        max_model_len=32768,
+        skip_tokenizer_init=True,
     )
     return VllmConfig(model_config=model, cache_config=CacheConfig(block_size=BLOCK_SIZE))
 
