@@ -1,8 +1,10 @@
 """The parts of the prhs backend shared by every platform.
 
 A platform module (cuda.py, cpu.py) subclasses vLLM's own backend for that
-platform and mixes these in, so the KV layout, cache writes, prefill and every
-dense fallback are vLLM's own code; only sparse decode rows take the prhs path.
+platform and mixes these in, so the KV layout, prefill and every dense fallback
+are vLLM's own code; only sparse decode rows take the prhs path, and a sparse
+layer's cache write also updates the page summaries (on CUDA in one csrc
+launch that stores what vLLM's write would).
 """
 
 from __future__ import annotations
