@@ -1,7 +1,13 @@
-"""The csrc page-summary update (torch.ops.prhs.update_page_summaries) against
-the torch reference, on the GPU: the same workloads as the Triton kernel's
-tests in vLLM's slot order (prefills splitting pages, -1 padding anywhere,
-decodes, recycled pages, stale summaries), every key dtype, int32 and int64 slots, graph replay."""
+"""The csrc page-summary ops on the GPU against the torch references, with the
+same workloads as the Triton kernel's tests in vLLM's slot order (prefills
+splitting pages, -1 padding anywhere, decodes, recycled pages, stale
+summaries), every key dtype, int32 and int64 slots:
+
+- the update alone (torch.ops.prhs.update_page_summaries), graph replay too;
+- the update fused with the KV cache write
+  (torch.ops.prhs.write_cache_and_summaries): the caches bit for bit against
+  the reference and against vLLM's own reshape_and_cache_flash, both cache
+  layouts."""
 
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from test_triton_ops import (  # noqa: E402
 )
 
 from prhs_vllm.ops.ref import update_page_summaries as ref_update  # noqa: E402
+from prhs_vllm.ops.ref import write_cache_and_summaries as ref_write  # noqa: E402
 
 DEVICE = "cuda"
 DTYPES = KEY_DTYPES
@@ -133,3 +140,151 @@ def test_bound_update_checks_each_call(gen):
         bound(torch.zeros(4, 3, 64, device=DEVICE), slots)
     with pytest.raises(ValueError, match="contiguous"):
         bound(key, torch.zeros(8, dtype=torch.long, device=DEVICE)[::2])
+
+
+# The fused KV cache write and summary update.
+def packed_cache(gen, num_pages, num_kv_heads, block_size, head_dim, dtype, layout):
+    """FlashAttention's KV cache, logical [P, H, bs, 2D] (K | V in the last dim),
+    full of stale values; ``layout`` "NHD" is vLLM's default memory order
+    (P, bs, H, 2D) seen through a permuted view."""
+    if layout == "NHD":
+        base = torch.randn(num_pages, block_size, num_kv_heads, 2 * head_dim, generator=gen)
+        return base.to(dtype).to(DEVICE).permute(0, 2, 1, 3)
+    base = torch.randn(num_pages, num_kv_heads, block_size, 2 * head_dim, generator=gen)
+    return base.to(dtype).to(DEVICE)
+
+
+def halves(kv_cache):
+    head_dim = kv_cache.shape[-1] // 2
+    return kv_cache[..., :head_dim], kv_cache[..., head_dim:]
+
+
+class FusedWrite:
+    """The fused op behind the ``update(key, slots, block_size, *summaries)``
+    interface of the summary checks: each call also writes fresh values and the
+    keys into a packed cache, and the reference into a copy of it; the two
+    caches must then be equal bit for bit (the summaries are compared by the
+    check itself). ``bound``: through ``bind_cache_write``, bound at the first call."""
+
+    def __init__(self, gen, layout="NHD", bound=False) -> None:
+        self.gen, self.layout, self.bound = gen, layout, bound
+        self.cache = self.want = self.write = None
+
+    def __call__(self, key, slots, block_size, *sums):
+        num_pages, num_kv_heads, head_dim = sums[0].shape
+        if self.cache is None:
+            self.cache = packed_cache(
+                self.gen, num_pages, num_kv_heads, block_size, head_dim, key.dtype, self.layout
+            )
+            self.want = self.cache.clone()
+        value = strided_keys(self.gen, key.shape[0], num_kv_heads, head_dim, key.dtype, DEVICE)
+        key_cache, value_cache = halves(self.cache)
+        if not self.bound:
+            summaries.write_cache_and_summaries(key, value, key_cache, value_cache, slots, *sums)
+        else:
+            if self.write is None:
+                self.write = summaries.bind_cache_write(
+                    key, value, key_cache, value_cache, slots, *sums
+                )
+            self.write(key, value, slots)
+        scratch = tuple(s.clone() for s in sums)
+        ref_write(key, value, *halves(self.want), slots, *scratch)
+        assert torch.equal(self.cache, self.want), "KV cache differs from the reference"
+
+
+@pytest.mark.parametrize("dtype", KEY_DTYPES)
+@SUMMARY_SHAPES
+def test_cache_write_one_call(gen, num_kv_heads, head_dim, block_size, dtype):
+    lens = [1, block_size, 1000, 4099, 3 * block_size - 1]
+    check_summaries_one_call(
+        gen, num_kv_heads, head_dim, block_size, dtype, lens, DEVICE, FusedWrite(gen),
+        in_order=True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", KEY_DTYPES)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("bound", [False, True], ids=["op", "bound"])
+def test_cache_write_recycled_pages(gen, block_size, dtype, layout, bound):
+    check_summaries_recycled_pages(
+        gen, 8, 128, block_size, dtype, DEVICE, FusedWrite(gen, layout, bound), in_order=True
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_cache_equals_vllm_reshape_and_cache_flash(gen, dtype, layout):
+    """What vLLM's FlashAttention write stores (its do_kv_cache_update, 0.26),
+    bit for bit: the fused op replaces it on prhs's sparse layers."""
+    vllm_ops = pytest.importorskip("vllm._custom_ops")
+    num_pages, heads, block_size, head_dim = 40, 8, 16, 128
+    kv_cache = packed_cache(gen, num_pages, heads, block_size, head_dim, dtype, layout)
+    theirs = kv_cache.clone()
+    perm = torch.randperm(num_pages * block_size, generator=gen)[:300].to(DEVICE)
+    slots = torch.cat([perm[:200], torch.full((7,), -1, device=DEVICE), perm[200:]])
+    # As the model hands them over: views of one qkv row per token (vLLM's
+    # kernel takes the heads of a token as contiguous; ours takes any strides).
+    qkv = torch.randn(slots.shape[0] + 5, (4 + 2) * heads * head_dim, generator=gen)
+    qkv = qkv.to(dtype).to(DEVICE)
+    key, value = (
+        qkv[:, i * heads * head_dim : (i + 1) * heads * head_dim].view(-1, heads, head_dim)
+        for i in (4, 5)
+    )
+    sums = garbage_summaries(gen, num_pages, heads, head_dim, DEVICE)
+    # Scattered slots: the cache is checked here; summaries need vLLM's run order.
+    summaries.write_cache_and_summaries(key, value, *halves(kv_cache), slots, *sums)
+    key_cache, value_cache = theirs.transpose(1, 2).split(head_dim, dim=-1)
+    scale = torch.ones((), device=DEVICE)
+    vllm_ops.reshape_and_cache_flash(
+        key, value, key_cache, value_cache, slots, "auto", scale, scale
+    )
+    assert torch.equal(kv_cache, theirs)
+
+
+def test_cache_write_bad_arguments_raise_value_errors(gen):
+    sums = garbage_summaries(gen, 8, 2, 64, DEVICE)
+    key = torch.zeros(4, 2, 64, dtype=torch.bfloat16, device=DEVICE)
+    slots = torch.arange(4, device=DEVICE)
+    caches = halves(torch.zeros(8, 2, 16, 128, dtype=torch.bfloat16, device=DEVICE))
+    write = summaries.write_cache_and_summaries
+    with pytest.raises(ValueError, match="value must"):
+        write(key, key[:, :1], *caches, slots, *sums)
+    with pytest.raises(ValueError, match="value must have key's dtype"):
+        write(key, key.half(), *caches, slots, *sums)
+    with pytest.raises(ValueError, match="key_cache must have key's dtype"):
+        write(key.half(), key.half(), *caches, slots, *sums)
+    with pytest.raises(ValueError, match="pages"):
+        write(key, key, caches[0][:4], caches[1][:4], slots, *sums)
+    with pytest.raises(ValueError, match="share shape and strides"):
+        write(key, key, caches[0], caches[1].contiguous(), slots, *sums)
+    with pytest.raises(ValueError, match=r"key_cache must be \[P, 2, block_size, 64\]"):
+        write(key, key, caches[0][:, :1], caches[1][:, :1], slots, *sums)
+    bound = summaries.bind_cache_write(key, key, *caches, slots, *sums)
+    bound(key, key, slots.to(torch.int32))
+    with pytest.raises(ValueError, match="value must have key's dtype"):
+        bound(key, key.float(), slots)
+    with pytest.raises(ValueError, match="key_cache must have key's dtype"):
+        bound(key.float(), key.float(), slots)
+    with pytest.raises(ValueError, match="rows for"):
+        bound(key[:2], key[:2], slots)
+    with pytest.raises(ValueError, match="value must"):
+        bound(key, key[:3], slots)
+
+
+def test_cache_writer_serves_matching_float32_summaries_only(gen):
+    """``ops.cache_writer`` binds the op for rows of the cache's dtype and float32
+    summaries; for int8 summaries or fp16 rows into a bf16 cache it declines
+    (None): the layer then writes the platform's way and updates separately."""
+    from prhs_vllm import ops
+    from prhs_vllm.backend.common import PageSummaries
+
+    caches = halves(packed_cache(gen, 8, 2, 16, 64, torch.bfloat16, "NHD"))
+    key = torch.zeros(4, 2, 64, dtype=torch.bfloat16, device=DEVICE)
+    slots = torch.arange(4, device=DEVICE)
+    exact, quantized = (PageSummaries(8, 2, 64, DEVICE, d) for d in ("float32", "int8"))
+    sums = (exact.key_sum, exact.key_min, exact.key_max)
+    assert callable(ops.cache_writer(key, key, *caches, slots, *sums))
+    assert ops.cache_writer(key.half(), key.half(), *caches, slots, *sums) is None
+    int8 = (quantized.key_sum, quantized.key_min, quantized.key_max)
+    assert ops.cache_writer(key, key, *caches, slots, *int8) is None
