@@ -1,4 +1,4 @@
-"""Launch-parameter sweeps of the Triton scoring and selection kernels at the
+"""Launch-parameter sweeps of the scoring (Triton and csrc) and selection kernels at the
 shapes the backend replays inside vLLM (rows x page slots of its step graphs:
 a 32K + 64 token context is 2052 pages, scored over a 2560-slot bucket).
 
@@ -24,12 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ops import CENTROID_DTYPES, random_summaries  # noqa: E402
 from ops_sparse_decode import BLOCK_SIZE, HEAD_DIM, NUM_Q_HEADS, time_graph  # noqa: E402
 
+from prhs_vllm.ops.cuda import scoring as csrc_scoring  # noqa: E402
 from prhs_vllm.ops.ref.selection import SelectionParams  # noqa: E402
 from prhs_vllm.ops.triton.scoring import _page_logits  # noqa: E402
 from prhs_vllm.ops.triton.selection import _select_compact  # noqa: E402
 
-# (block_m, num_warps) of the scoring kernel
+# (block_m, num_warps) of the Triton scoring kernel
 SCORING_LAUNCHES = [(16, 4), (16, 8), (32, 4), (32, 8)]
+# rounds of pages a block of the csrc scoring kernel scores (0: its own choice)
+CSRC_SCORING_ITERS = [0, 2, 4, 8, 16, 32]
 
 
 def inputs(batch: int, context: int, slots: int, gen: torch.Generator, centroid_dtype: str):
@@ -76,14 +79,18 @@ def main() -> None:
         base = {"batch": batch, "context": context, "slots": slots}
         for dtype in args.centroid_dtypes if "scoring" in args.kernels else ():
             query, (k_sum, k_min, k_max), table, seq = inputs(batch, context, slots, gen, dtype)
+            call = (query, k_sum, k_min, k_max, table, seq, BLOCK_SIZE, scale, slots)
             for block_m, warps in SCORING_LAUNCHES:
-                scoring = functools.partial(
-                    _page_logits, query, k_sum, k_min, k_max, table, seq, BLOCK_SIZE, scale,
-                    slots, block_m=block_m, num_warps=warps,
-                )  # fmt: skip
+                scoring = functools.partial(_page_logits, *call, block_m=block_m, num_warps=warps)
                 ms = round(time_graph([scoring], args.replays), 4)
                 emit({**base, "kernel": "scoring", "centroid_dtype": dtype, "block_m": block_m,
                       "warps": warps, "ms": ms})  # fmt: skip
+            if csrc_scoring.unsupported_reason(query, k_sum, k_min, k_max) is None:
+                for iters in CSRC_SCORING_ITERS:
+                    scoring = functools.partial(csrc_scoring.page_logits, *call, iters=iters)
+                    ms = round(time_graph([scoring], args.replays), 4)
+                    emit({**base, "kernel": "scoring_csrc", "centroid_dtype": dtype,
+                          "iters": iters, "ms": ms})  # fmt: skip
         if "selection" not in args.kernels:
             continue
         query, (k_sum, k_min, k_max), table, seq = inputs(

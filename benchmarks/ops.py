@@ -130,12 +130,15 @@ def bench(
     )
     q, seq = shape.query, shape.seq_lens
 
-    def scoring():
+    scoring_args = (q, key_sum, key_min, key_max, table, seq, BLOCK_SIZE, params.scale, pages)
+
+    def scoring():  # what the backend runs: csrc where it serves the summaries
+        return ops.page_logits(*scoring_args)
+
+    def scoring_triton():
         from prhs_vllm.ops.triton import page_logits
 
-        return page_logits(
-            q, key_sum, key_min, key_max, table, seq, BLOCK_SIZE, params.scale, pages
-        )
+        return page_logits(*scoring_args)
 
     logits = scoring()
 
@@ -168,6 +171,7 @@ def bench(
     row["kept_pages"] = int(keep.sum(-1).float().mean().item())
     for name, fn in [
         ("scoring", scoring),
+        ("scoring_triton", scoring_triton),
         ("selection", selection),
         ("selection_k16", selection_k16),
         ("selection_torch", selection_torch),
@@ -227,8 +231,8 @@ def main() -> None:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     flash, why = load_flash_attn()
     rows = []
-    cols = ["scoring", "selection", "selection_k16", "selection_torch", "attention", "whole"]
-    cols += ["whole_eager"]
+    cols = ["scoring", "scoring_triton", "selection", "selection_k16", "selection_torch"]
+    cols += ["attention", "whole", "whole_eager"]
     page_head = summary_bytes(HEAD_DIM, args.centroid_dtype)
     print(f"summaries: {args.centroid_dtype} ({page_head} B a page-head)")
     print("batch context budget kept " + " ".join(f"{c}_ms" for c in cols) + " fa3_ms fi_ms x_fa3")

@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "sparse_decode/sparse_decode_launcher.h"
+#include "scoring/page_logits_launcher.h"
 #include "summaries/update_summaries_launcher.h"
 
 TORCH_LIBRARY(prhs, m) {
@@ -25,12 +26,17 @@ TORCH_LIBRARY(prhs, m) {
       "write_cache_and_summaries(Tensor key, Tensor value, Tensor! key_cache, "
       "Tensor! value_cache, Tensor slot_mapping, Tensor(a!) key_sum, Tensor(b!) key_min, "
       "Tensor(c!) key_max) -> ()");
+  m.def(
+      "page_logits(Tensor query, Tensor sums, Tensor key_min, Tensor key_max, "
+      "Tensor block_table, Tensor seq_lens, Tensor? skip, int block_size, float scale, "
+      "int code_bits, int iters, Tensor(a!) est, Tensor(b!) upper, Tensor(c!) lower) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(prhs, CUDA, m) {
   m.impl("sparse_paged_decode", &sparse_paged_decode);
   m.impl("update_page_summaries", &update_page_summaries);
   m.impl("write_cache_and_summaries", &write_cache_and_summaries);
+  m.impl("page_logits", &page_logits);
 }
 
 // The ops register when the library loads; the module itself is empty.

@@ -20,7 +20,7 @@ fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 # Same defines as torch.utils.cpp_extension, so the check sees what setup.py builds.
-flags=(-std=c++17 -O3 --use_fast_math -Xptxas=-warn-spills --resource-usage
+flags=(-std=c++17 -O3 --use_fast_math --ftz=false -Xptxas=-warn-spills --resource-usage
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
   -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
   -gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_80,code=sm_80 "$@")
@@ -38,13 +38,18 @@ def pretty(mangled):
     """_ZN4prhs13sparse_decode26sparse_decode_split_kernelI13__nv_bfloat16Li128ELi4EEEv...
     -> sparse_decode_split_kernel<bf16, 128, 4>"""
     summary = re.search(
-        r"(update_summaries_kernel|write_cache_and_summaries_kernel)I(13__nv_bfloat16|6__half|f)([il])E",
+        r"(update_summaries_kernel|write_cache_and_summaries_kernel)I(13__nv_bfloat16|6__half|f)([il])Lb([01])E",
         mangled,
     )
     if summary:
-        kernel, key, slot = summary.groups()
+        kernel, key, slot, int8 = summary.groups()
         key = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}[key]
-        return f"{kernel}<{key}, int{32 if slot == 'i' else 64}>"
+        fmt = "int8" if int8 == "1" else "fp32"
+        return f"{kernel}<{key}, int{32 if slot == 'i' else 64}, {fmt}>"
+    scoring = re.search(r"page_logits_kernelILi(\d+)ELi(\d+)ELi(\d+)E", mangled)
+    if scoring:
+        bits, dim, gmax = scoring.groups()
+        return f"page_logits_kernel<{'fp32' if bits == '0' else 'int8'}, {dim}, {gmax}>"
     kernel = re.search(r"sparse_decode\d+(\w+?_kernel)I", mangled)
     if not kernel:
         return mangled

@@ -472,9 +472,9 @@ def test_fused_cache_write_stores_what_vllm_writes(base_configs, spec, gen, monk
 
 
 def test_cache_writer_declines_what_its_op_does_not_serve(gen):
-    """``ops.cache_writer`` is the csrc op or None: on CPU tensors, for quantized
-    summaries and for a cache of another dtype than the rows the layer falls
-    back to the platform's write plus ``summary_updater``."""
+    """``ops.cache_writer`` is the csrc op or None: on CPU tensors (float32 or
+    int8 summaries; the GPU tests cover int4 and a cache of another dtype than
+    the rows) the layer falls back to the platform's write plus ``summary_updater``."""
     from prhs_vllm import ops
     from prhs_vllm.backend.common import PageSummaries
 

@@ -232,24 +232,24 @@ def scoring_inputs(gen, group, head_dim, block_size, lens, dtype, device, num_kv
 
 
 def check_page_logits(
-    gen, group, head_dim, block_size, lens, dtype, device, num_kv_heads=2, **launch
+    gen, group, head_dim, block_size, lens, dtype, device, num_kv_heads=2, impl=None, **launch
 ):
-    """Triton page_logits (and group_page_mass of est / bound) vs the references.
+    """page_logits (and Triton group_page_mass of est / bound) vs the references.
 
-    ``launch``: block_m / num_warps to force through ``_page_logits``.
+    ``impl``: the page_logits under test, called with ``launch``; default
+    Triton's (``_page_logits`` with ``launch``: block_m / num_warps).
     """
     from prhs_vllm.ops.triton import group_page_mass, page_logits
     from prhs_vllm.ops.triton.scoring import _page_logits
 
+    if impl is None:
+        impl = _page_logits if launch else page_logits
     query, summaries, table, seq_lens, num_slots = scoring_inputs(
         gen, group, head_dim, block_size, lens, dtype, device, num_kv_heads
     )
     scale = head_dim**-0.5
     args = (query, *summaries, table, seq_lens, block_size, scale, num_slots)
-    if launch:
-        est, bound, lower = _page_logits(*args, **launch)
-    else:
-        est, bound, lower = page_logits(*args)
+    est, bound, lower = impl(*args, **launch)
     want_est, want_bound, want_lower = ref_page_logits(*args)
     assert est.shape == want_est.shape == (len(lens), num_kv_heads, group, num_slots)
     assert est.dtype == bound.dtype == lower.dtype == torch.float32
@@ -269,10 +269,10 @@ def check_page_logits(
 
 
 def check_page_logits_quantized(
-    gen, bits, group, head_dim, lens, device, num_kv_heads=2, dtype=torch.float32
+    gen, bits, group, head_dim, lens, device, num_kv_heads=2, dtype=torch.float32, impl=None
 ):
-    """Triton page_logits over int8 / int4 centroid codes and bf16 boxes vs the
-    reference, for queries of ``dtype``."""
+    """page_logits (``impl``, default Triton's) over int8 / int4 centroid codes
+    and bf16 boxes vs the reference, for queries of ``dtype``."""
     from prhs_vllm.ops.ref.quant import QuantizedCentroids, code_bytes, update_quantized_summaries
     from prhs_vllm.ops.triton import page_logits
 
@@ -294,7 +294,7 @@ def check_page_logits_quantized(
         key = strided_keys(gen, n, num_kv_heads, head_dim, torch.float32, device)
         update_quantized_summaries(key, slots, block_size, centroids, key_min, key_max)
     args = (query, centroids, key_min, key_max, table, seq_lens, block_size, 0.3, num_slots)
-    got, want = page_logits(*args), ref_page_logits(*args)
+    got, want = (impl or page_logits)(*args), ref_page_logits(*args)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=tol(torch.float32).lse_atol, rtol=1e-5)
 
@@ -620,9 +620,14 @@ def test_page_logits_no_slots(gen):
     assert group_page_mass(est).shape == (1, 2, 0)
 
 
-def check_page_logits_skip(gen, lens, group, head_dim, num_kv_heads, dtype, device, atol):
-    """Skipped (row, head) pairs get -inf; every other pair equals the reference."""
+def check_page_logits_skip(
+    gen, lens, group, head_dim, num_kv_heads, dtype, device, atol, impl=None
+):
+    """Skipped (row, head) pairs get -inf; every other pair equals the reference
+    (``impl``: the page_logits under test, default Triton's)."""
     from prhs_vllm.ops.triton import page_logits
+
+    page_logits = impl or page_logits
 
     query, summaries, table, seq_lens, num_slots = scoring_inputs(
         gen, group, head_dim, 16, lens, dtype, device, num_kv_heads
@@ -802,17 +807,18 @@ def with_padding(gen, runs, num_pad):
 
 
 def run_quantized_steps(
-    gen, steps, key_rows, num_pages, num_kv_heads, head_dim, block_size, bits, dtype
+    gen, steps, key_rows, num_pages, num_kv_heads, head_dim, block_size, bits, dtype, update=None
 ):
-    """Apply the same update calls to a Triton and a reference copy of stale quantized
-    summaries; compare after each call.
+    """Apply the same update calls to a kernel's (``update``, default Triton's) and a
+    reference copy of stale quantized summaries; compare after each call.
 
-    Returns the Triton state and float32 summaries (``ref.update_page_summaries``) of
+    Returns the kernel's state and float32 summaries (``ref.update_page_summaries``) of
     the same writes. ``key_rows``: extra key rows past each slot mapping (ignored).
     """
     from prhs_vllm.ops.ref.quant import update_quantized_summaries as ref_update
     from prhs_vllm.ops.triton import update_quantized_summaries
 
+    update_quantized_summaries = update or update_quantized_summaries
     device = steps[0].device
     want = stale_quantized(gen, num_pages, num_kv_heads, head_dim, bits, device)
     got = clone_quantized(want)
@@ -827,7 +833,7 @@ def run_quantized_steps(
 
 
 def check_quantized_one_call(gen, bits, num_kv_heads, head_dim, block_size, dtype, requests,
-                             device):  # fmt: skip
+                             device, update=None):  # fmt: skip
     """One call, requests (start, count) on their own pages: runs from offset 0 (reset)
     or mid-page (merged with the stale old state), crossing pages, -1 padding."""
     lens = [start + count for start, count in requests]
@@ -835,11 +841,13 @@ def check_quantized_one_call(gen, bits, num_kv_heads, head_dim, block_size, dtyp
     rows = random_pages(gen, lens, block_size, num_pages)
     runs = [slots_for(p, s, n, block_size) for p, (s, n) in zip(rows, requests, strict=True)]
     slots = with_padding(gen, runs, 5).to(device)
-    run_quantized_steps(gen, [slots], 3, num_pages, num_kv_heads, head_dim, block_size, bits, dtype)
+    run_quantized_steps(
+        gen, [slots], 3, num_pages, num_kv_heads, head_dim, block_size, bits, dtype, update
+    )
 
 
 def check_quantized_recycled_pages(gen, bits, num_kv_heads, head_dim, block_size, dtype,
-                                   device):  # fmt: skip
+                                   device, update=None):  # fmt: skip
     """Chunked prefill, decodes, a finished request's pages taken over (from offset 0)
     in another order while others decode (``check_summaries_recycled_pages``)."""
     bs = block_size
@@ -854,11 +862,11 @@ def check_quantized_recycled_pages(gen, bits, num_kv_heads, head_dim, block_size
     ]
     steps = [[slots_for(p, start, n, bs) for p, start, n in step] for step in steps]
     steps = [with_padding(gen, runs, 2).to(device) for runs in steps]
-    run_quantized_steps(gen, steps, 3, num_pages, num_kv_heads, head_dim, bs, bits, dtype)
+    run_quantized_steps(gen, steps, 3, num_pages, num_kv_heads, head_dim, bs, bits, dtype, update)
 
 
 def check_quantized_decode_drift(gen, bits, num_kv_heads, head_dim, block_size, dtype, device,
-                                 num_requests=3):  # fmt: skip
+                                 num_requests=3, update=None):  # fmt: skip
     """Pages filled token by token over 2 * block_size decode calls (request r joins at
     call r % block_size); at the end the boxes contain the float32 boxes and the decoded
     centroids are within the worst-case re-encoding drift of the float32 centroids
@@ -880,7 +888,7 @@ def check_quantized_decode_drift(gen, bits, num_kv_heads, head_dim, block_size, 
         runs = [slots_for(rows[r], s - j, 1, bs) for r, j in enumerate(join) if s >= j]
         steps.append(with_padding(gen, runs, 1).to(device))
     got, (fsum, fmin, fmax) = run_quantized_steps(
-        gen, steps, 0, num_pages, num_kv_heads, head_dim, bs, bits, dtype
+        gen, steps, 0, num_pages, num_kv_heads, head_dim, bs, bits, dtype, update
     )
     pages = torch.tensor([p for row in rows for p in row], device=device)
     counts = [c for n in lens for c in (bs, n - bs)]
@@ -903,12 +911,15 @@ BOX_EDGE_VALUES = [
 ]  # fmt: skip
 
 
-def check_quantized_box_edge_values(gen, bits, device):
+def check_quantized_box_edge_values(gen, bits, device, update=None):
     """Outward bf16 rounding bit-identical on +-0, subnormals, bf16 ties, exact bf16
     values, the bf16 maximum and finite values beyond it (rounded to +-inf / +-max):
-    fresh pages first (box = one key rounded outward), then merged with random keys."""
+    fresh pages first (box = one key rounded outward), then merged with random keys.
+    ``update``: the kernel under test (default Triton's)."""
     from prhs_vllm.ops.ref.quant import update_quantized_summaries as ref_update
     from prhs_vllm.ops.triton import update_quantized_summaries
+
+    update_quantized_summaries = update or update_quantized_summaries
 
     edge = torch.tensor(BOX_EDGE_VALUES)
     num_tokens, num_heads, dim = 6, 2, 12

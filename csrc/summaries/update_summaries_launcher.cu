@@ -10,6 +10,8 @@ namespace su = prhs::summaries;
 
 namespace {
 
+bool is_int8(const at::Tensor& key_sum) { return key_sum.scalar_type() == at::kByte; }
+
 // The checks shared by both ops, then their UpdateParams.
 su::UpdateParams update_params(const at::Tensor& key, const at::Tensor& slot_mapping,
                                int64_t block_size, at::Tensor& key_sum, at::Tensor& key_min,
@@ -28,28 +30,42 @@ su::UpdateParams update_params(const at::Tensor& key, const at::Tensor& slot_map
   TORCH_CHECK(slot_mapping.size(0) <= key.size(0), "slot_mapping has ", slot_mapping.size(0),
               " slots for ", key.size(0), " key rows");
   TORCH_CHECK(block_size > 0, "block_size must be positive, got ", block_size);
+  // int8 centroids: key_sum holds the uint8 codes, the boxes are bfloat16.
+  const bool int8 = is_int8(key_sum);
+  const auto box_type = int8 ? at::kBFloat16 : at::kFloat;
   for (const at::Tensor* s : {&key_sum, &key_min, &key_max}) {
-    TORCH_CHECK(s->scalar_type() == at::kFloat && s->dim() == 3 &&
-                    s->size(1) == key.size(1) && s->size(2) == key.size(2),
-                "summaries must be float32 [P, ", key.size(1), ", ", key.size(2), "]");
-    TORCH_CHECK(s->strides() == key_sum.strides() && s->size(0) == key_sum.size(0),
-                "key_sum, key_min and key_max must share shape and strides");
-    TORCH_CHECK(s->stride(2) == 1, "summaries must be contiguous in their last dim");
+    TORCH_CHECK(s->dim() == 3 && s->size(1) == key.size(1) && s->size(2) == key.size(2) &&
+                    s->scalar_type() == (s == &key_sum && int8 ? at::kByte : box_type),
+                "summaries must be float32 [P, ", key.size(1), ", ", key.size(2),
+                "], or uint8 codes with bfloat16 boxes");
+    TORCH_CHECK(s->size(0) == key_sum.size(0) && s->stride(2) == 1,
+                "key_sum, key_min and key_max must share their shape, contiguous in the last dim");
     TORCH_CHECK(s->device() == key.device() && slot_mapping.device() == key.device(),
                 "key, slot_mapping and the summaries must be on one device");
   }
+  TORCH_CHECK(key_max.strides() == key_min.strides() &&
+                  (int8 || key_sum.strides() == key_min.strides()),
+              "key_sum, key_min and key_max must share strides");
   TORCH_CHECK(slot_mapping.size(0) < (int64_t{1} << 31) && key.size(1) * key.size(2) < (1 << 30),
               "too many slots or channels");
   su::UpdateParams p{};
   p.key = key.data_ptr();
   p.slot_mapping = slot_mapping.data_ptr();
-  p.key_sum = key_sum.data_ptr<float>();
-  p.key_min = key_min.data_ptr<float>();
-  p.key_max = key_max.data_ptr<float>();
+  if (int8) {
+    p.codes = key_sum.data_ptr<uint8_t>();
+    p.box_min = reinterpret_cast<uint16_t*>(key_min.data_ptr());
+    p.box_max = reinterpret_cast<uint16_t*>(key_max.data_ptr());
+    p.code_stride_p = key_sum.stride(0);
+    p.code_stride_h = key_sum.stride(1);
+  } else {
+    p.key_sum = key_sum.data_ptr<float>();
+    p.key_min = key_min.data_ptr<float>();
+    p.key_max = key_max.data_ptr<float>();
+  }
   p.key_stride_t = key.stride(0);
   p.key_stride_h = key.stride(1);
-  p.page_stride = key_sum.stride(0);
-  p.head_stride = key_sum.stride(1);
+  p.page_stride = key_min.stride(0);
+  p.head_stride = key_min.stride(1);
   p.num_slots = static_cast<int>(slot_mapping.size(0));
   p.num_heads = static_cast<int>(key.size(1));
   p.head_dim = static_cast<int>(key.size(2));
@@ -75,7 +91,8 @@ void update_page_summaries(const at::Tensor& key, const at::Tensor& slot_mapping
       update_params(key, slot_mapping, block_size, key_sum, key_min, key_max);
   const c10::cuda::CUDAGuard guard(key.device());
   const cudaError_t err = su::launch_update_summaries(
-      p, key_dtype_code(key), slot_bytes(slot_mapping), c10::cuda::getCurrentCUDAStream());
+      p, key_dtype_code(key), slot_bytes(slot_mapping), is_int8(key_sum),
+      c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "prhs update_page_summaries: launch failed: ",
               cudaGetErrorString(err));
 }
@@ -115,7 +132,8 @@ void write_cache_and_summaries(const at::Tensor& key, const at::Tensor& value,
   c.cache_stride_token = key_cache.stride(2);
   const c10::cuda::CUDAGuard guard(key.device());
   const cudaError_t err = su::launch_write_cache_and_summaries(
-      c, key_dtype_code(key), slot_bytes(slot_mapping), c10::cuda::getCurrentCUDAStream());
+      c, key_dtype_code(key), slot_bytes(slot_mapping), is_int8(key_sum),
+      c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "prhs write_cache_and_summaries: launch failed: ",
               cudaGetErrorString(err));
 }

@@ -7,7 +7,8 @@
 
 // Folds key [T, H, D] (bf16 / fp16 / fp32) at slot_mapping [T'] (int32 / int64,
 // -1 = padding, T' <= T) into the float32 page summaries key_sum / key_min /
-// key_max [P, H, D] (same strides), in place.
+// key_max [P, H, D] (same strides), in place; or, with key_sum uint8 codes
+// [P, H, D], into int8 centroids in bfloat16 boxes key_min / key_max.
 void update_page_summaries(const at::Tensor& key, const at::Tensor& slot_mapping,
                            int64_t block_size, at::Tensor& key_sum, at::Tensor& key_min,
                            at::Tensor& key_max);

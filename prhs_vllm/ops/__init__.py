@@ -1,11 +1,11 @@
 """Ops used by the backend, dispatched by device.
 
 Each op has a pure-torch reference in ``ref/`` (the test oracle and the CPU
-path). On CUDA tensors the csrc kernels (``cuda/``: page-summary update,
-sparse decode) and the Triton kernels (``triton/``: scoring, selection, the
-int8/int4 summary update, and the float32 update where csrc is not built)
-take over when present. ``PRHS_OPS=reference`` forces the references
-everywhere (A/B checks).
+path). On CUDA tensors the csrc kernels (``cuda/``: update and scoring of float32
+and int8 summaries, sparse decode) and the Triton kernels (``triton/``:
+selection, int4 summaries, and what csrc serves where it is not built) take
+over when present.
+``PRHS_OPS=reference`` forces the references everywhere (A/B checks).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ __all__ = [
     "cuda_kernels_ready",
     "dropped_mass_upper_bound",
     "kernel_report",
+    "page_logits",
     "select",
     "sparse_decode",
     "cache_writer",
@@ -69,19 +70,21 @@ def cuda_kernels_ready() -> bool:
 
 def kernel_report() -> str:
     """Which implementation each op uses on CUDA tensors (for the startup log)."""
-    scoring = "triton" if _triton_ready() else "torch reference"
+    triton = "triton" if _triton_ready() else "torch reference"
     cuda = "cuda (csrc)" if _cuda_ready() else None
+    scoring = f"{cuda} (int4: {triton})" if cuda and _triton_ready() else triton
     return (
-        f"summaries: {cuda or scoring} (int8/int4: {scoring}); scoring/selection: {scoring}; "
-        f"sparse attention: {cuda or 'torch reference'}"
+        f"summaries: {cuda or triton} (int4: {triton}); scoring: {scoring}; "
+        f"selection: {triton}; sparse attention: {cuda or 'torch reference'}"
     )
 
 
 def update_summaries(key, slot_mapping, block_size, key_sum, key_min, key_max) -> None:
     """``ref.update_page_summaries`` (same arguments), on the fastest backend;
     ``key_sum`` may be QuantizedCentroids (``ref.quant.update_quantized_summaries``,
-    bfloat16 boxes): on CUDA its Triton kernel, which relies on vLLM writing each
-    page's new slots as one contiguous run in order (the reference does not)."""
+    bfloat16 boxes). On CUDA the csrc kernel (float32, int8) or Triton's (int4)
+    relies on vLLM writing each page's new slots as one contiguous run in order
+    (the reference does not)."""
     quantized = isinstance(key_sum, QuantizedCentroids)
     if _csrc_updates(key, key_sum):
         from prhs_vllm.ops.cuda.summaries import update_page_summaries as cuda_update
@@ -119,7 +122,7 @@ def cache_writer(key, value, key_cache, value_cache, slot_mapping, key_sum, key_
     (``cuda.summaries.bind_cache_write``): write(key, value, slot_mapping) -> None.
 
     None where that op does not serve these tensors (no csrc kernels, CPU
-    tensors, quantized summaries, a cache dtype other than the rows'): the
+    tensors, int4 centroids, a cache dtype other than the rows'): the
     caller then writes the cache its own way and uses ``summary_updater``.
     Arguments as in ``ref.write_cache_and_summaries`` (a first step's rows).
     """
@@ -133,9 +136,11 @@ def cache_writer(key, value, key_cache, value_cache, slot_mapping, key_sum, key_
 
 
 def _csrc_updates(key, key_sum) -> bool:
-    # One C++ launch for float32 summaries on CUDA: per layer and step, the host
-    # cost is the point (the Triton pair cost ~120 us of Python per call on the H100).
-    return key.is_cuda and not isinstance(key_sum, QuantizedCentroids) and _cuda_ready()
+    # One C++ launch for float32 sums and int8 centroids on CUDA: per layer and
+    # step, the host cost is the point (a Triton launch costs ~100 us of Python
+    # per call on the H100; int8 decode steps were host-bound on it).
+    int4 = isinstance(key_sum, QuantizedCentroids) and key_sum.bits != 8
+    return key.is_cuda and not int4 and _cuda_ready()
 
 
 def select(
@@ -165,8 +170,6 @@ def select(
     ``with_bound=False`` lets the fused path skip the dropped-bound
     log-sum-exp (only the metrics read it)."""
     if query.is_cuda and _triton_ready():
-        from prhs_vllm.ops.triton import page_logits
-
         logits = page_logits(
             query,
             key_sum,
@@ -191,6 +194,19 @@ def select(
         query, key_sum, key_min, key_max, block_table, seq_lens, params, num_slots,
         key_cache=key_cache, prev_keep=prev_keep,
     )  # fmt: skip
+
+
+def page_logits(query, key_sum, key_min, key_max, *args, **kwargs):
+    """``ref.page_logits`` on CUDA: the csrc kernel where it serves the
+    summaries (float32, or int8 codes; see ``cuda.scoring``), else Triton's."""
+    if _cuda_ready():
+        from prhs_vllm.ops.cuda import scoring
+
+        if scoring.unsupported_reason(query, key_sum, key_min, key_max) is None:
+            return scoring.page_logits(query, key_sum, key_min, key_max, *args, **kwargs)
+    from prhs_vllm.ops.triton import page_logits
+
+    return page_logits(query, key_sum, key_min, key_max, *args, **kwargs)
 
 
 def sparse_decode(

@@ -7,7 +7,10 @@ summaries), every key dtype, int32 and int64 slots:
 - the update fused with the KV cache write
   (torch.ops.prhs.write_cache_and_summaries): the caches bit for bit against
   the reference and against vLLM's own reshape_and_cache_flash, both cache
-  layouts."""
+  layouts;
+- both for int8 centroids in bfloat16 boxes: against the reference (boxes bit
+  for bit, codes within one level, as the Triton kernel's tests) and against
+  the Triton kernel, bit for bit."""
 
 from __future__ import annotations
 
@@ -28,8 +31,13 @@ from test_triton_ops import (  # noqa: E402
     KEY_DTYPES,
     SUMMARY_SHAPES,
     assert_same_summaries,
+    check_quantized_box_edge_values,
+    check_quantized_decode_drift,
+    check_quantized_one_call,
+    check_quantized_recycled_pages,
     check_summaries_one_call,
     check_summaries_recycled_pages,
+    clone_quantized,
     garbage_summaries,
     slots_for,
     strided_keys,
@@ -37,6 +45,7 @@ from test_triton_ops import (  # noqa: E402
 
 from prhs_vllm.ops.ref import update_page_summaries as ref_update  # noqa: E402
 from prhs_vllm.ops.ref import write_cache_and_summaries as ref_write  # noqa: E402
+from prhs_vllm.ops.ref.quant import QuantizedCentroids  # noqa: E402
 
 DEVICE = "cuda"
 DTYPES = KEY_DTYPES
@@ -154,6 +163,13 @@ def packed_cache(gen, num_pages, num_kv_heads, block_size, head_dim, dtype, layo
     return base.to(dtype).to(DEVICE)
 
 
+def clone_summaries(sums):
+    """A copy of (key_sum, key_min, key_max), float32 or quantized."""
+    if isinstance(sums[0], QuantizedCentroids):
+        return clone_quantized(sums)
+    return tuple(s.clone() for s in sums)
+
+
 def halves(kv_cache):
     head_dim = kv_cache.shape[-1] // 2
     return kv_cache[..., :head_dim], kv_cache[..., head_dim:]
@@ -171,7 +187,7 @@ class FusedWrite:
         self.cache = self.want = self.write = None
 
     def __call__(self, key, slots, block_size, *sums):
-        num_pages, num_kv_heads, head_dim = sums[0].shape
+        num_pages, num_kv_heads, head_dim = sums[1].shape
         if self.cache is None:
             self.cache = packed_cache(
                 self.gen, num_pages, num_kv_heads, block_size, head_dim, key.dtype, self.layout
@@ -187,8 +203,7 @@ class FusedWrite:
                     key, value, key_cache, value_cache, slots, *sums
                 )
             self.write(key, value, slots)
-        scratch = tuple(s.clone() for s in sums)
-        ref_write(key, value, *halves(self.want), slots, *scratch)
+        ref_write(key, value, *halves(self.want), slots, *clone_summaries(sums))
         assert torch.equal(self.cache, self.want), "KV cache differs from the reference"
 
 
@@ -272,19 +287,102 @@ def test_cache_write_bad_arguments_raise_value_errors(gen):
         bound(key, key[:3], slots)
 
 
-def test_cache_writer_serves_matching_float32_summaries_only(gen):
+def test_cache_writer_serves_matching_float32_and_int8_summaries_only(gen):
     """``ops.cache_writer`` binds the op for rows of the cache's dtype and float32
-    summaries; for int8 summaries or fp16 rows into a bf16 cache it declines
-    (None): the layer then writes the platform's way and updates separately."""
+    or int8 summaries; for int4 summaries or fp16 rows into a bf16 cache it
+    declines (None): the layer then writes the platform's way and updates separately."""
     from prhs_vllm import ops
     from prhs_vllm.backend.common import PageSummaries
 
     caches = halves(packed_cache(gen, 8, 2, 16, 64, torch.bfloat16, "NHD"))
     key = torch.zeros(4, 2, 64, dtype=torch.bfloat16, device=DEVICE)
     slots = torch.arange(4, device=DEVICE)
-    exact, quantized = (PageSummaries(8, 2, 64, DEVICE, d) for d in ("float32", "int8"))
-    sums = (exact.key_sum, exact.key_min, exact.key_max)
-    assert callable(ops.cache_writer(key, key, *caches, slots, *sums))
-    assert ops.cache_writer(key.half(), key.half(), *caches, slots, *sums) is None
-    int8 = (quantized.key_sum, quantized.key_min, quantized.key_max)
-    assert ops.cache_writer(key, key, *caches, slots, *int8) is None
+    for dtype in ("float32", "int8"):
+        s = PageSummaries(8, 2, 64, DEVICE, dtype)
+        sums = (s.key_sum, s.key_min, s.key_max)
+        assert callable(ops.cache_writer(key, key, *caches, slots, *sums)), dtype
+        assert ops.cache_writer(key.half(), key.half(), *caches, slots, *sums) is None
+    s = PageSummaries(8, 2, 64, DEVICE, "int4")
+    assert ops.cache_writer(key, key, *caches, slots, s.key_sum, s.key_min, s.key_max) is None
+
+
+# int8 centroids in bfloat16 boxes: the same ops, the Triton kernel's checks.
+
+
+class Int8AgainstTriton:
+    """``update`` (or another op behind its interface) on the summaries under
+    test, the Triton kernel on a shadow copy: equal bit for bit after each call."""
+
+    def __init__(self, op=update) -> None:
+        self.op, self.shadow = op, None
+
+    def __call__(self, key, slots, block_size, *sums):
+        from prhs_vllm.ops.triton import update_quantized_summaries
+
+        if self.shadow is None:
+            self.shadow = clone_quantized(sums)
+        self.op(key, slots, block_size, *sums)
+        update_quantized_summaries(key, slots, block_size, *self.shadow)
+        for got, want, name in zip(sums, self.shadow, ("codes", "key_min", "key_max"), strict=True):
+            got = got.codes if isinstance(got, QuantizedCentroids) else got.view(torch.int16)
+            want = want.codes if isinstance(want, QuantizedCentroids) else want.view(torch.int16)
+            assert torch.equal(got, want), f"{name} differ from the Triton kernel's"
+
+
+INT8_UPDATES = {
+    "op": lambda gen: update,
+    "bound": lambda gen: BoundUpdate(),
+    "fused": lambda gen: FusedWrite(gen),
+    "fused-bound-hnd": lambda gen: FusedWrite(gen, "HND", bound=True),
+    "op-vs-triton": lambda gen: Int8AgainstTriton(),
+    "fused-vs-triton": lambda gen: Int8AgainstTriton(FusedWrite(gen)),
+}
+
+
+@pytest.mark.parametrize("impl", list(INT8_UPDATES))
+@pytest.mark.parametrize(
+    "num_kv_heads, head_dim, block_size, dtype",
+    [(3, 64, 16, torch.bfloat16), (2, 128, 32, torch.float32), (8, 128, 16, torch.float16)],
+    ids=["h3-d64-bf16", "h2-d128-bs32-fp32", "h8-d128-fp16"],
+)
+def test_int8_one_call(gen, impl, num_kv_heads, head_dim, block_size, dtype):
+    bs = block_size
+    requests = [(0, 1), (5, 2 * bs), (bs, bs), (3, 1), (bs - 1, 2)]
+    check_quantized_one_call(
+        gen, 8, num_kv_heads, head_dim, bs, dtype, requests, DEVICE, INT8_UPDATES[impl](gen)
+    )
+
+
+@pytest.mark.parametrize("impl", list(INT8_UPDATES))
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_int8_recycled_pages(gen, impl, block_size):
+    check_quantized_recycled_pages(
+        gen, 8, 8, 128, block_size, torch.bfloat16, DEVICE, INT8_UPDATES[impl](gen)
+    )
+
+
+@pytest.mark.parametrize("impl", ["op", "fused-vs-triton"])
+def test_int8_decode_drift(gen, impl):
+    check_quantized_decode_drift(
+        gen, 8, 4, 128, 16, torch.bfloat16, DEVICE, num_requests=5, update=INT8_UPDATES[impl](gen)
+    )
+
+
+@pytest.mark.parametrize("impl", ["op", "op-vs-triton"])
+def test_int8_box_edge_values(gen, impl):
+    check_quantized_box_edge_values(gen, 8, DEVICE, update=INT8_UPDATES[impl](gen))
+
+
+def test_int8_bad_arguments_raise_value_errors(gen):
+    from prhs_vllm.backend.common import PageSummaries
+
+    key = torch.zeros(4, 2, 64, device=DEVICE)
+    slots = torch.arange(4, device=DEVICE)
+    s = PageSummaries(8, 2, 64, DEVICE, "int8")
+    with pytest.raises(ValueError, match="int8 codes in bfloat16 boxes"):
+        update(key, slots, 16, s.key_sum, s.key_min.float(), s.key_max.float())
+    with pytest.raises(ValueError, match="codes must match"):
+        update(key, slots, 16, QuantizedCentroids(s.key_sum.codes[:4], 8), s.key_min, s.key_max)
+    int4 = PageSummaries(8, 2, 64, DEVICE, "int4")
+    with pytest.raises(ValueError, match="int4 centroids"):
+        update(key, slots, 16, int4.key_sum, int4.key_min, int4.key_max)

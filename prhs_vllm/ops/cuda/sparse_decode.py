@@ -28,7 +28,7 @@ def _load_error() -> str | None:
     except ImportError as exc:
         return str(exc)
     # The ops mutate their arguments and return nothing: tracing needs no shapes.
-    for op in ("prhs::sparse_paged_decode", "prhs::update_page_summaries"):
+    for op in ("prhs::sparse_paged_decode", "prhs::update_page_summaries", "prhs::page_logits"):
         torch.library.register_fake(op)(lambda *args: None)
     return None
 

@@ -5,7 +5,8 @@ signatures of their ``prhs_vllm.ops.ref`` references.
 One launch, no atomics: the tokens of a page form one run in ``slot_mapping``
 (vLLM writes each request's new tokens contiguously, in slot order), and the
 run's first token folds the whole run into the page, in token order. The
-reference accepts any order; this op needs that layout.
+reference accepts any order; this op needs that layout. Summaries are float32
+sums, or int8 centroids in bfloat16 boxes (``ref.quant``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from prhs_vllm.ops.cuda.sparse_decode import _ops
+from prhs_vllm.ops.ref.quant import QuantizedCentroids
 
 _KEY_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _SLOT_DTYPES = (torch.int64, torch.int32)
@@ -34,12 +36,15 @@ def update_page_summaries(
             block_size + offset, -1 = padding. A page's slots form one run of
             consecutive entries; a run starting at offset 0 resets the page.
         block_size: tokens per page.
-        key_sum, key_min, key_max: [P, H, D] float32, same strides, channels contiguous.
+        key_sum, key_min, key_max: [P, H, D] float32, same strides, channels contiguous;
+            or key_sum int8 QuantizedCentroids (codes [P, H, D] uint8) and bfloat16
+            boxes (``ref.quant.update_quantized_summaries``; the Triton kernel's
+            arithmetic, bit for bit).
     Raises:
         ValueError: naming the argument that does not fit (checked here, before the op).
     """
     _check(key, slot_mapping, block_size, key_sum, key_min, key_max)
-    _ops().update_page_summaries(key, slot_mapping, block_size, key_sum, key_min, key_max)
+    _ops().update_page_summaries(key, slot_mapping, block_size, _sums(key_sum), key_min, key_max)
 
 
 def bind_update(key, slot_mapping, block_size, key_sum, key_min, key_max):
@@ -57,12 +62,12 @@ def bind_update(key, slot_mapping, block_size, key_sum, key_min, key_max):
     """
     _check(key, slot_mapping, block_size, key_sum, key_min, key_max)
     op = _ops().update_page_summaries.default
-    row_shape, device = key.shape[1:], key.get_device()
+    row_shape, device, sums = key.shape[1:], key.get_device(), _sums(key_sum)
 
     def update(key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if not (key.dtype in _KEY_DTYPES and _step_args_fit(key, slot_mapping, row_shape, device)):
             _check(key, slot_mapping, block_size, key_sum, key_min, key_max)  # raises
-        op(key, slot_mapping, block_size, key_sum, key_min, key_max)
+        op(key, slot_mapping, block_size, sums, key_min, key_max)
 
     return update
 
@@ -88,13 +93,14 @@ def write_cache_and_summaries(
         key_cache, value_cache: [P, H, block_size, D] views sharing shape and
             strides, channels contiguous.
         slot_mapping: [T'] int64 / int32, as in ``update_page_summaries``.
-        key_sum, key_min, key_max: [P, H, D] float32 (same P as the caches).
+        key_sum, key_min, key_max: as in ``update_page_summaries`` (same P as the caches).
     Raises:
         ValueError: naming the argument that does not fit (checked here, before the op).
     """
-    args = (key, value, key_cache, value_cache, slot_mapping, key_sum, key_min, key_max)
-    _check_cache_write(*args)
-    _ops().write_cache_and_summaries(*args)
+    _check_cache_write(key, value, key_cache, value_cache, slot_mapping, key_sum, key_min, key_max)
+    _ops().write_cache_and_summaries(
+        key, value, key_cache, value_cache, slot_mapping, _sums(key_sum), key_min, key_max
+    )
 
 
 def bind_cache_write(key, value, key_cache, value_cache, slot_mapping, key_sum, key_min, key_max):
@@ -112,6 +118,7 @@ def bind_cache_write(key, value, key_cache, value_cache, slot_mapping, key_sum, 
     _check_cache_write(key, value, key_cache, value_cache, slot_mapping, key_sum, key_min, key_max)
     op = _ops().write_cache_and_summaries.default
     row_shape, device, dtype = key.shape[1:], key.get_device(), key_cache.dtype
+    sums = _sums(key_sum)
 
     def write(key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if not (
@@ -125,7 +132,7 @@ def bind_cache_write(key, value, key_cache, value_cache, slot_mapping, key_sum, 
             _check_cache_write(  # raises
                 key, value, key_cache, value_cache, slot_mapping, key_sum, key_min, key_max
             )
-        op(key, value, key_cache, value_cache, slot_mapping, key_sum, key_min, key_max)
+        op(key, value, key_cache, value_cache, slot_mapping, sums, key_min, key_max)
 
     return write
 
@@ -164,9 +171,9 @@ def _check_cache_write(key, value, key_cache, value_cache, slot_mapping, *summar
         raise ValueError("key_cache and value_cache must share shape and strides")
     if key_cache.stride(3) != 1:
         raise ValueError("the caches must be contiguous in their last dim")
-    if key_cache.shape[0] != summaries[0].shape[0]:
+    if key_cache.shape[0] != summaries[1].shape[0]:
         raise ValueError(
-            f"the caches have {key_cache.shape[0]} pages, the summaries {summaries[0].shape[0]}"
+            f"the caches have {key_cache.shape[0]} pages, the summaries {summaries[1].shape[0]}"
         )
     for name, t in (("value", value), ("key_cache", key_cache), ("value_cache", value_cache)):
         if t.dtype != key.dtype or t.device != key.device:
@@ -189,11 +196,30 @@ def _check(key, slot_mapping, block_size, key_sum, key_min, key_max) -> None:
         raise ValueError(f"key has {key.shape[0]} rows for {slot_mapping.shape[0]} slots")
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
-    shape, strides = key_sum.shape, key_sum.stride()
-    for s in (key_sum, key_min, key_max):
-        if s.dtype != torch.float32 or s.dim() != 3 or s.shape[1:] != key.shape[1:]:
-            raise ValueError(f"summaries must be float32 [P, {key.shape[1]}, {key.shape[2]}]")
+    quantized = isinstance(key_sum, QuantizedCentroids)
+    if quantized:
+        if key_sum.bits != 8:
+            raise ValueError(f"int{key_sum.bits} centroids: the csrc update takes int8 only")
+        sums, box_dtype = key_sum.codes, torch.bfloat16
+        if sums.dtype != torch.uint8 or sums.dim() != 3 or sums.shape[1:] != key.shape[1:]:
+            raise ValueError(f"codes must be uint8 [P, {key.shape[1]}, {key.shape[2]}]")
+        if sums.shape != key_min.shape or sums.stride(2) != 1 or sums.device != key.device:
+            raise ValueError("codes must match the boxes' shape, contiguous, on key's device")
+    else:
+        box_dtype = torch.float32
+    shape, strides = key_min.shape, key_min.stride()
+    for s in (key_min, key_max) if quantized else (key_sum, key_min, key_max):
+        if s.dtype != box_dtype or s.dim() != 3 or s.shape[1:] != key.shape[1:]:
+            raise ValueError(
+                f"summaries must be float32 [P, {key.shape[1]}, {key.shape[2]}], "
+                "or int8 codes in bfloat16 boxes"
+            )
         if s.shape != shape or s.stride() != strides or strides[2] != 1:
             raise ValueError("key_sum, key_min and key_max must share shape and strides")
         if s.device != key.device:
             raise ValueError("the summaries must be on the device of key")
+
+
+def _sums(key_sum) -> torch.Tensor:
+    """The tensor the op takes as key_sum: the float32 sums, or the int8 codes."""
+    return key_sum.codes if isinstance(key_sum, QuantizedCentroids) else key_sum

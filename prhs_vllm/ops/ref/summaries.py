@@ -7,6 +7,8 @@ caching included) sees the same summary.
 
 import torch
 
+from prhs_vllm.ops.ref.quant import QuantizedCentroids, update_quantized_summaries
+
 
 def update_page_summaries(
     key: torch.Tensor,
@@ -72,7 +74,8 @@ def write_cache_and_summaries(
         slot_mapping: [T'] int, T' <= T, slot = page * block_size + offset;
             -1 marks padding.
         key_sum, key_min, key_max: [P, H, D] float32 summaries, as in
-            ``update_page_summaries``.
+            ``update_page_summaries``; or key_sum QuantizedCentroids and bfloat16
+            boxes, as in ``quant.update_quantized_summaries``.
     """
     block_size = key_cache.shape[2]
     slots = slot_mapping.to(torch.long)
@@ -82,4 +85,7 @@ def write_cache_and_summaries(
     # Advanced indices around a slice: the indexed view is [n, H, D].
     key_cache[pages, :, offsets] = key[rows]
     value_cache[pages, :, offsets] = value[rows]
-    update_page_summaries(key, slot_mapping, block_size, key_sum, key_min, key_max)
+    if isinstance(key_sum, QuantizedCentroids):
+        update_quantized_summaries(key, slot_mapping, block_size, key_sum, key_min, key_max)
+    else:
+        update_page_summaries(key, slot_mapping, block_size, key_sum, key_min, key_max)
