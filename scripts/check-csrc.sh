@@ -2,7 +2,7 @@
 # CI check of csrc/ without torch or a GPU: compiles every kernel
 # instance (csrc/check/compile_check.cu) for sm_90a and sm_80 with nvcc and
 # prints ptxas' registers / spills per kernel. Exits non-zero on a compile
-# error or a register spill, 0 with "skipped" when nvcc is absent.
+# error, a compiler warning or a register spill, 0 with "skipped" when nvcc is absent.
 #   scripts/check-csrc.sh [extra nvcc flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +27,11 @@ flags=(-std=c++17 -O3 --use_fast_math --ftz=false -Xptxas=-warn-spills --resourc
 if ! "$NVCC" "${flags[@]}" -c csrc/check/compile_check.cu -o "$out/check.o" > "$out/log" 2>&1; then
   cat "$out/log"
   echo "check-csrc: FAILED (compile error)"
+  exit 1
+fi
+if grep -q "warning #" "$out/log"; then
+  grep -A4 "warning #" "$out/log"
+  echo "check-csrc: FAILED (compiler warnings)"
   exit 1
 fi
 

@@ -169,7 +169,11 @@ struct Butterfly {
 
   // Whether this lane writes its values (lanes past the splits hold copies).
   __device__ __forceinline__ static bool writes(int lane) {
-    return V >= LANES || lane % (LANES / V) == 0;
+    if constexpr (V >= LANES) {
+      return true;
+    } else {
+      return lane % (LANES / V) == 0;
+    }
   }
 };
 
