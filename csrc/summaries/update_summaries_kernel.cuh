@@ -63,32 +63,46 @@ __device__ __forceinline__ bool opens_run(const SlotT* slots, int t, int64_t pag
   return true;
 }
 
-// Folds the run of tokens t.. on `page` into the summary element (h, d).
+// The keys of the run of tokens t.. on `page` at channel (h, d), in token order.
+struct RunKeys {
+  float sum, lo, hi;
+  int tokens;
+  int64_t first_offset;  // of the run's first slot: the tokens the page held before
+};
+
 template <typename KeyT, typename SlotT>
-__device__ __forceinline__ void fold_run(const UpdateParams& p, const SlotT* slots, int t,
-                                         int64_t page, int h, int d) {
+__device__ __forceinline__ RunKeys fold_keys(const UpdateParams& p, const SlotT* slots, int t,
+                                             int64_t page, int h, int d) {
   const KeyT* key = static_cast<const KeyT*>(p.key) + h * p.key_stride_h + d;
-  float sum = 0.f, lo = INFINITY, hi = -INFINITY;
-  bool fresh = false;
+  RunKeys r{0.f, INFINITY, -INFINITY, 0, -1};
   for (int j = t; j < p.num_slots; ++j) {
     const int64_t s = static_cast<int64_t>(slots[j]);
     if (s < 0) continue;
     if (s / p.block_size != page) break;
-    fresh |= s % p.block_size == 0;
+    if (r.first_offset < 0) r.first_offset = s % p.block_size;
     const float k = to_float(key[j * p.key_stride_t]);
-    sum += k;
-    lo = fminf(lo, k);
-    hi = fmaxf(hi, k);
+    r.sum += k;
+    r.lo = fminf(r.lo, k);
+    r.hi = fmaxf(r.hi, k);
+    ++r.tokens;
   }
+  return r;
+}
+
+// Folds the run of tokens t.. on `page` into the summary element (h, d).
+template <typename KeyT, typename SlotT>
+__device__ __forceinline__ void fold_run(const UpdateParams& p, const SlotT* slots, int t,
+                                         int64_t page, int h, int d) {
+  const RunKeys r = fold_keys<KeyT>(p, slots, t, page, h, d);
   const int64_t at = page * p.page_stride + h * p.head_stride + d;
-  if (fresh) {
-    p.key_sum[at] = sum;
-    p.key_min[at] = lo;
-    p.key_max[at] = hi;
+  if (r.first_offset == 0) {  // a new occupant
+    p.key_sum[at] = r.sum;
+    p.key_min[at] = r.lo;
+    p.key_max[at] = r.hi;
   } else {
-    p.key_sum[at] += sum;
-    p.key_min[at] = fminf(p.key_min[at], lo);
-    p.key_max[at] = fmaxf(p.key_max[at], hi);
+    p.key_sum[at] += r.sum;
+    p.key_min[at] = fminf(p.key_min[at], r.lo);
+    p.key_max[at] = fmaxf(p.key_max[at], r.hi);
   }
 }
 
@@ -112,21 +126,9 @@ template <typename KeyT, typename SlotT>
 __device__ __forceinline__ void fold_run_int8(const UpdateParams& p, const SlotT* slots, int t,
                                               int64_t page, int h, int d) {
   constexpr float kLevels = 255.0f;
-  const KeyT* key = static_cast<const KeyT*>(p.key) + h * p.key_stride_h + d;
-  float sum = 0.f, lo = INFINITY, hi = -INFINITY;
-  int tokens = 0;
-  int64_t offset = -1;  // of the run's first slot: the tokens already in the page
-  for (int j = t; j < p.num_slots; ++j) {
-    const int64_t s = static_cast<int64_t>(slots[j]);
-    if (s < 0) continue;
-    if (s / p.block_size != page) break;
-    if (offset < 0) offset = s % p.block_size;
-    const float k = to_float(key[j * p.key_stride_t]);
-    sum = __fadd_rn(sum, k);
-    lo = fminf(lo, k);
-    hi = fmaxf(hi, k);
-    ++tokens;
-  }
+  const RunKeys r = fold_keys<KeyT>(p, slots, t, page, h, d);
+  float lo = r.lo, hi = r.hi;
+  const int64_t offset = r.first_offset;
   const int64_t box = page * p.page_stride + h * p.head_stride + d;
   const int64_t code = page * p.code_stride_p + h * p.code_stride_h + d;
   const float old_n = static_cast<float>(offset);
@@ -139,9 +141,9 @@ __device__ __forceinline__ void fold_run_int8(const UpdateParams& p, const SlotT
     lo = fminf(old_lo, lo);
     hi = fmaxf(old_hi, hi);
   }
-  const float count = __fadd_rn(old_n, static_cast<float>(tokens));
+  const float count = __fadd_rn(old_n, static_cast<float>(r.tokens));
   const float centroid =
-      __fdiv_rn(__fadd_rn(__fmul_rn(old_centroid, offset > 0 ? old_n : 0.f), sum), count);
+      __fdiv_rn(__fadd_rn(__fmul_rn(old_centroid, offset > 0 ? old_n : 0.f), r.sum), count);
   const uint16_t lo_bits = outward_bf16_bits(lo, false), hi_bits = outward_bf16_bits(hi, true);
   const float box_lo = bf16_bits_to_float(lo_bits);
   const float width = __fsub_rn(bf16_bits_to_float(hi_bits), box_lo);

@@ -203,7 +203,9 @@ def page_logits(query, key_sum, key_min, key_max, *args, **kwargs):
         from prhs_vllm.ops.cuda import scoring
 
         if scoring.unsupported_reason(query, key_sum, key_min, key_max) is None:
-            return scoring.page_logits(query, key_sum, key_min, key_max, *args, **kwargs)
+            return scoring.page_logits(
+                query, key_sum, key_min, key_max, *args, check=False, **kwargs
+            )
     from prhs_vllm.ops.triton import page_logits
 
     return page_logits(query, key_sum, key_min, key_max, *args, **kwargs)

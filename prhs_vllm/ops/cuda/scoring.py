@@ -66,6 +66,7 @@ def page_logits(
     skip: torch.Tensor | None = None,
     *,
     iters: int = 0,
+    check: bool = True,
 ) -> PageLogits:
     """Per page and query head: centroid estimate and box bounds of the log-mass
     (``ref.selection.page_logits``; same arguments and results).
@@ -78,12 +79,14 @@ def page_logits(
         block_table: [N, >=M] int page ids; seq_lens: [N] int (int32: no copy).
         skip: [N, Hkv] bool, (row, head) pairs not to score (-inf, nothing read).
         iters: rounds of pages each block scores, 1..64 (0: chosen from the grid).
+        check: False when the caller has just found ``unsupported_reason`` None
+            (the dispatch in ``prhs_vllm.ops``: per layer, the host time counts).
     Returns:
         PageLogits (est, upper, lower), each [N, Hkv, G, M] float32 contiguous.
     Raises:
         ValueError: what of the tensors the op does not serve (``unsupported_reason``).
     """
-    reason = unsupported_reason(query, key_sum, key_min, key_max)
+    reason = unsupported_reason(query, key_sum, key_min, key_max) if check else None
     if reason is not None:
         raise ValueError(f"csrc page_logits does not serve {reason}")
     if not 0 <= iters <= _MAX_ITERS:
