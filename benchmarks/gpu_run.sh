@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (vLLM 0.26.0 staged): the phases named on the command line,
-# results in $OUT. Phases: setup, tests, ops, ops-int8, sweep, sweep-scoring, profile,
+# results in $OUT. Phases: setup, tests, ops, ops-int8, sweep, sweep-scoring, sweep-splits, profile,
 # e2e, e2e-16, e2e-int8, fallback, fallback-ab, fallback-cpu, fallback-stacks, fallback-bisect,
 # graphs.
 #   bash benchmarks/gpu_run.sh setup tests ops
@@ -27,6 +27,13 @@ for phase in "$@"; do
     ops-int8)  # int8 centroid codes in bf16 boxes (640 B a page-head, float32: 1536 B)
       python3 benchmarks/ops.py --batches 1 16 32 --contexts 32768 --budgets 16 \
         --centroid-dtype int8 --out "$out/ops_int8_h100.json" 2>&1 | tail -6 | tee "$out/ops_int8.txt" ;;
+    sweep-splits)  # the attention kernel's split-K factor: each count asked, and the plan's (0)
+      python3 benchmarks/ops_sparse_decode.py --batches 12 16 --contexts 32768 --budgets 16 8 \
+        --splits 0 1 2 3 4 5 6 8 11 16 --no-dense --out "$out/ops_sparse_decode_splits.json" \
+        2>&1 | tee "$out/ops_sparse_decode_splits.txt"
+      python3 benchmarks/ops_sparse_decode.py --batches 12 16 --contexts 32768 --budgets 16 \
+        --splits 0 4 5 6 11 --pad-slots --no-dense \
+        --out "$out/ops_sparse_decode_splits_padded.json" 2>&1 | tee "$out/ops_sparse_decode_splits_padded.txt" ;;
     sweep-scoring)  # scoring alone, both summary formats, live context vs the 2560-slot bucket
       timeout 300 python3 benchmarks/kernel_sweep.py --batch 12 --kernels scoring --shapes 32832:2560 \
         --centroid-dtypes float32 int8 --out "$out/kernel_sweep_scoring.jsonl" > /dev/null 2>&1

@@ -44,6 +44,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--budgets", type=int, nargs="+", default=[8, 16, 32], help="keep 1/B of the pages"
     )
+    parser.add_argument(
+        "--splits",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="split-K factors to time (0: the kernel's own plan)",
+    )
+    parser.add_argument(
+        "--pad-slots",
+        action="store_true",
+        help="kept_slots as wide as the row's pages, -1 padded (what the fused selection "
+        "hands the kernel), instead of exactly the kept count",
+    )
+    parser.add_argument(
+        "--kernel-times",
+        action="store_true",
+        help="also print each CUDA kernel's mean time per call (torch profiler)",
+    )
     parser.add_argument("--replays", type=int, default=30)
     parser.add_argument("--ceiling-tbs", type=float, default=3.04, help="copy ceiling, TB/s")
     parser.add_argument("--no-dense", action="store_true", help="skip FlashAttention-3")
@@ -86,6 +104,24 @@ def time_graph(calls, replays: int) -> float:
     return statistics.median(times) / len(calls)
 
 
+def kernel_times(calls) -> dict[str, float]:
+    """Mean GPU ms per call of each CUDA kernel that `calls` launch (profiled,
+    eager: one launch after another, so gaps between kernels are not counted)."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for call in calls:
+            call()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.count:
+            times[event.key] = event.device_time_total / 1e3 / len(calls)
+    return times
+
+
 def calls_for(bytes_per_call: int, l2_bytes: int) -> int:
     """Calls per graph so that one replay touches ~4x the L2 size."""
     return max(1, min(MAX_CALLS_PER_GRAPH, math.ceil(4 * l2_bytes / bytes_per_call)))
@@ -116,22 +152,37 @@ class Shape:
         pages = pages[: self.batch * self.pages_per_row] + 1
         return pages.view(self.batch, self.pages_per_row).to(torch.int32)
 
-    def kept_slots(self, kept: int) -> torch.Tensor:
-        """[batch, Hkv, kept] int32: a random sorted subset of each row's slots."""
+    def kept_slots(self, kept: int, pad: bool = False) -> torch.Tensor:
+        """[batch, Hkv, kept] int32: a random sorted subset of each row's slots
+        (pad: [batch, Hkv, pages_per_row], -1 after the kept ones)."""
         scores = torch.rand(
             self.batch, NUM_KV_HEADS, self.pages_per_row, device="cuda", generator=self.gen
         )
-        return scores.topk(kept, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+        slots = scores.topk(kept, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+        if pad:
+            slots = torch.nn.functional.pad(slots, (0, self.pages_per_row - kept), value=-1)
+        return slots
 
 
-def bench_sparse(shape: Shape, budget: int, l2_bytes: int, replays: int) -> dict:
+def bench_sparse(
+    shape: Shape,
+    budget: int,
+    l2_bytes: int,
+    replays: int,
+    splits: int = 0,
+    pad: bool = False,
+    profile: bool = False,
+) -> dict:
     kept = max(1, shape.pages_per_row // budget)
+    width = shape.pages_per_row if pad else kept
     nbytes = shape.batch * NUM_KV_HEADS * kept * BLOCK_SIZE * HEAD_DIM * 2 * ELEMENT_BYTES
     num_calls = calls_for(nbytes, l2_bytes)
     num_kept = torch.full((shape.batch, NUM_KV_HEADS), kept, dtype=torch.int32, device="cuda")
-    workspace = cuda_ops.alloc_workspace(
-        shape.batch, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, kept, DTYPE, "cuda"
-    )
+    plan = cuda_ops.split_plan(
+        shape.batch, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, width, DTYPE, "cuda",
+        splits,
+    )  # fmt: skip
+    workspace = torch.empty(plan["workspace_bytes"], dtype=torch.uint8, device="cuda")
     out = torch.empty_like(shape.query)
     lse = torch.empty(shape.batch, NUM_Q_HEADS, device="cuda")
     scale = HEAD_DIM**-0.5
@@ -149,16 +200,18 @@ def bench_sparse(shape: Shape, budget: int, l2_bytes: int, replays: int) -> dict
             out,
             lse=lse,
             workspace=workspace,
+            num_splits=splits,
         )
 
-    calls = [call(shape.block_table(), shape.kept_slots(kept)) for _ in range(num_calls)]
-    plan = cuda_ops.split_plan(
-        shape.batch, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, kept, DTYPE, "cuda"
-    )
+    calls = [call(shape.block_table(), shape.kept_slots(kept, pad)) for _ in range(num_calls)]
+    kernels = kernel_times(calls) if profile else None
     return {
+        "kernel_ms": kernels,
         "kernel": "prhs_sparse",
         "budget": f"1/{budget}",
         "kept_pages": kept,
+        "slots_width": width,
+        "splits_asked": splits,
         "num_splits": plan["num_splits"],
         "calls_per_graph": num_calls,
         "time_ms": time_graph(calls, replays),
@@ -228,7 +281,18 @@ def main() -> None:
             if flash_attn is not None:
                 results.append(bench_dense(shape, flash_attn, l2_bytes, args.replays))
             for budget in args.budgets:
-                results.append(bench_sparse(shape, budget, l2_bytes, args.replays))
+                for splits in args.splits:
+                    results.append(
+                        bench_sparse(
+                            shape,
+                            budget,
+                            l2_bytes,
+                            args.replays,
+                            splits=splits,
+                            pad=args.pad_slots,
+                            profile=args.kernel_times,
+                        )  # fmt: skip
+                    )
             dense_ms = results[0]["time_ms"] if flash_attn is not None else None
             for r in results:
                 r.update(batch=batch, context=context)
@@ -243,6 +307,8 @@ def main() -> None:
                     f"{r['bytes'] / 1e6:8.1f} {r['gb_s']:7.0f} {r['pct_ceiling']:6.1f} {speedup}"
                 )
                 rows.append(r)
+                for name, ms in (r.get("kernel_ms") or {}).items():
+                    print(f"    {ms:8.4f} ms  {name[:110]}")
             del shape
             torch.cuda.empty_cache()
 

@@ -92,6 +92,8 @@ class StepStats:
     def __init__(self) -> None:
         self._host: dict[str, float] = {name: 0.0 for name in METRICS}
         self._device: Any = None  # torch tensor [len(_DEVICE_FIELDS)] float64
+        # Tensors like _device that CUDA graphs add their rows into on replay.
+        self._device_totals: list[Any] = []
         self._last_flush = 0.0
         self._last_log = time.monotonic()
         self._flush_interval = float(os.environ.get(FLUSH_INTERVAL_ENV, "1.0"))
@@ -106,7 +108,8 @@ class StepStats:
 
     def record_rows(self, row_stats, num_kv_heads: int, audited: bool = False) -> None:
         """Add ``layer_row_stats`` of one layer's rows: one reduction and one add
-        on the device (the rows were summarised inside the step's CUDA graph)."""
+        on the device (eager steps; a step graph sums its rows itself, and the
+        caller then uses ``count_rows``)."""
         rows = row_stats.shape[0]
         # Shapes are host ints; creating device scalars from them would copy
         # from the host on every layer, so they are counted on the host.
@@ -117,11 +120,23 @@ class StepStats:
         values = row_stats.sum(0)
         self._device = values if self._device is None else self._device + values
 
+    def count_rows(self, rows: int, num_kv_heads: int) -> None:
+        """``record_rows`` of rows whose ``layer_row_stats`` a CUDA graph has
+        already added into a tensor of ``add_device_totals``: host counts only."""
+        self._host["prhs_sparse_layer_rows"] += rows
+        self._host["prhs_head_selections"] += rows * num_kv_heads
+
+    def add_device_totals(self, totals) -> None:
+        """Counts the sums that device code accumulates into ``totals``
+        ([len(_DEVICE_FIELDS)] float64, zero at registration) from now on."""
+        self._device_totals.append(totals)
+
     def totals(self) -> dict[str, float]:
         """Current totals (reads device counters: a sync on GPU)."""
         totals = dict(self._host)
-        if self._device is not None:
-            for name, value in zip(_DEVICE_FIELDS, self._device.tolist(), strict=False):
+        device = [] if self._device is None else [self._device]
+        for values in device + self._device_totals:
+            for name, value in zip(_DEVICE_FIELDS, values.tolist(), strict=False):
                 totals[name] += value
         return totals
 
@@ -235,6 +250,11 @@ def register_collector() -> None:
         return
     REGISTRY.register(PrhsCollector())
     _COLLECTOR_REGISTERED = True
+
+
+def num_device_fields() -> int:
+    """Columns of ``layer_row_stats`` (the device counters)."""
+    return len(_DEVICE_FIELDS)
 
 
 def layer_row_stats(

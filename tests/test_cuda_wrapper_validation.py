@@ -188,6 +188,8 @@ BAD = [
         dict(workspace=torch.empty(NEED, dtype=torch.uint8, device="meta")),
         "workspace is on meta",
     ),
+    ("negative_splits", dict(num_splits=-1), "num_splits must be in \\[0, 256\\], got -1"),
+    ("too_many_splits", dict(num_splits=257), "num_splits must be in \\[0, 256\\], got 257"),
 ]
 
 
@@ -237,14 +239,16 @@ def test_good_arguments_reach_the_op(fake, monkeypatch, device, dtype):
     assert out is args["out"] and lse is args["lse"]
     (sent,) = fake.ops.calls
     names = ["query", "key_cache", "value_cache", "block_table", "seq_lens", "kept_slots"]
-    names += ["num_kept", "scale", "out", "lse", "workspace"]
+    names += ["num_kept", "scale", "out", "lse", "workspace", "num_splits"]
     for name, value in zip(names, sent, strict=True):
         if name == "scale":
             assert type(value) is float and value == args["scale"]
+        elif name == "num_splits":
+            assert value == 0  # the plan's own choice
         else:
             assert value is args[name], name
     # The workspace size check asked the plan with the call's shapes.
-    assert fake.plans == [(N, HQ, HKV, D, BS, K, dtype, torch.device(device))]
+    assert fake.plans == [(N, HQ, HKV, D, BS, K, dtype, torch.device(device), 0)]
 
 
 def test_good_arguments_without_outputs(fake, monkeypatch):
@@ -258,7 +262,7 @@ def test_good_arguments_without_outputs(fake, monkeypatch):
     (sent,) = fake.ops.calls
     assert out.shape == (N, HQ, D) and out.dtype == torch.bfloat16
     assert lse.shape == (N, HQ) and lse.dtype == torch.float32
-    assert sent[-3] is out and sent[-2] is lse and sent[-1].numel() == NEED
+    assert sent[-4] is out and sent[-3] is lse and sent[-2].numel() == NEED
 
 
 def test_fa_layout_cache_views_pass(fake):

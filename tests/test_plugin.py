@@ -223,6 +223,26 @@ def test_worker_flush_round_trips_through_collector(tmp_path, monkeypatch):
     assert totals["prhs_certified_dropped_mass_sum"] == pytest.approx(1.2)
 
 
+def test_device_totals_added_by_graphs_are_counted():
+    """Step graphs add their rows' stats into registered device tensors and
+    the host counts only rows: the totals equal record_rows of the same rows."""
+    row_stats = metrics.layer_row_stats(
+        keep_counts=torch.tensor([[2, 3], [4, 1]]),
+        num_pages=torch.tensor([8, 5]),
+        est_kept_mass=torch.full((2, 2), 0.9),
+        certified_dropped=torch.full((2, 2), 0.2),
+    )
+    recorded = metrics.StepStats()
+    recorded.record_rows(row_stats, num_kv_heads=2)
+    counted = metrics.StepStats()
+    sums = torch.zeros(metrics.num_device_fields(), dtype=torch.float64)
+    counted.add_device_totals(sums)
+    sums += row_stats.sum(0)  # what a replayed graph does
+    counted.count_rows(2, num_kv_heads=2)
+    assert counted.totals() == pytest.approx(recorded.totals())
+    assert counted.totals()["prhs_pages_kept"] == 10
+
+
 def test_unsupported_vllm_version_skips_registration_without_breaking_vllm(monkeypatch, caplog):
     import prhs_vllm.plugin as plugin
     from prhs_vllm import _compat

@@ -115,11 +115,24 @@ inline cudaError_t sm_count(int device, int* count) {
   return err;
 }
 
-// Splits so that rows x KV heads x head chunks x splits fills every SM with
-// as many CTAs as fit, without splits shorter than kMinTokensPerSplit. Depends
+// Splits: as many as one wave of CTAs holds (every SM at its occupancy),
+// never more. A CTA count just past a whole wave leaves the next wave nearly
+// empty, and each further wave pays a CTA's fixed latency again (kept_slots ->
+// block_table -> K/V are dependent loads before the first byte streams). H100,
+// 12 / 16 rows x 8 KV heads x 32K, 1/16 (benchmarks/results/h100-session9/):
+// 5 / 4 splits (480 / 512 CTAs of 528) took 0.051 / 0.062 ms, 6 / 5 splits
+// (576 / 640: the old ceil) 0.066 / 0.088 ms, 11 / 8 splits (two waves)
+// 0.060 / 0.069 ms.
+inline int64_t one_wave_splits(int64_t units, int64_t target) {
+  return std::max<int64_t>(1, target / units);
+}
+
+// Heads per CTA and the split-K factor: rows x KV heads x head chunks x
+// splits CTAs (one_wave_splits), no split shorter than kMinTokensPerSplit. Depends
 // only on shapes and the device, never on data, so CUDA graphs can replay it.
 // Reads the shape fields of `p` (num_rows ... max_kept, dtype).
-inline cudaError_t make_plan(const Params& p, int device, Plan* plan) {
+// requested_splits > 0 asks for that many splits (same cap; benchmarks).
+inline cudaError_t make_plan(const Params& p, int device, Plan* plan, int requested_splits = 0) {
   if (p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0) return cudaErrorInvalidValue;
   const int group = p.num_q_heads / p.num_kv_heads;
   plan->group_max = group_max_for(group);
@@ -134,10 +147,12 @@ inline cudaError_t make_plan(const Params& p, int device, Plan* plan) {
 
   const int64_t units = int64_t(std::max(p.num_rows, 1)) * p.num_kv_heads * plan->num_head_chunks;
   const int64_t target = int64_t(sms) * ctas_per_sm;
-  int64_t splits = (target + units - 1) / units;
   const int64_t kept_tokens = int64_t(p.max_kept) * p.block_size;
-  splits = std::min<int64_t>(splits, (kept_tokens + kMinTokensPerSplit - 1) / kMinTokensPerSplit);
-  splits = std::min<int64_t>(splits, std::min(kMaxSplits, std::max(p.max_kept, 1)));
+  const int64_t cap = std::min<int64_t>(
+      std::min<int64_t>(kMaxSplits, std::max(p.max_kept, 1)),
+      std::max<int64_t>(1, (kept_tokens + kMinTokensPerSplit - 1) / kMinTokensPerSplit));
+  int64_t splits = requested_splits > 0 ? std::min<int64_t>(requested_splits, cap)
+                                        : std::min(one_wave_splits(units, target), cap);
   plan->num_splits = int(std::max<int64_t>(splits, 1));
   plan->workspace_bytes = plan->num_splits == 1
                               ? 0

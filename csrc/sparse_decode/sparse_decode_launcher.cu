@@ -66,7 +66,7 @@ void sparse_paged_decode(const at::Tensor& query, const at::Tensor& key_cache,
                          const at::Tensor& value_cache, const at::Tensor& block_table,
                          const at::Tensor& seq_lens, const at::Tensor& kept_slots,
                          const at::Tensor& num_kept, double scale, at::Tensor& out,
-                         at::Tensor& lse, at::Tensor& workspace) {
+                         at::Tensor& lse, at::Tensor& workspace, int64_t num_splits) {
   TORCH_CHECK(query.is_cuda(), "query must be a CUDA tensor");
   TORCH_CHECK(query.dim() == 3, "query must be [N, Hq, D]");
   TORCH_CHECK(key_cache.dim() == 4, "key_cache must be [P, Hkv, block_size, D]");
@@ -116,7 +116,9 @@ void sparse_paged_decode(const at::Tensor& query, const at::Tensor& key_cache,
   const c10::cuda::CUDAGuard guard(query.device());
   const int device = query.device().index();
   sd::Plan plan;
-  check_cuda(sd::make_plan(p, device, &plan), "plan");
+  TORCH_CHECK(num_splits >= 0 && num_splits <= sd::kMaxSplits, "num_splits must be in [0, ",
+              sd::kMaxSplits, "], got ", num_splits);
+  check_cuda(sd::make_plan(p, device, &plan, static_cast<int>(num_splits)), "plan");
   TORCH_CHECK(workspace.nbytes() >= plan.workspace_bytes, "workspace holds ",
               workspace.nbytes(), " bytes, this call needs ", plan.workspace_bytes,
               " (size it with sparse_paged_decode_workspace_size)");
@@ -167,12 +169,16 @@ int64_t sparse_paged_decode_workspace_size(int64_t max_num_rows, int64_t num_q_h
 std::vector<int64_t> sparse_paged_decode_plan(int64_t num_rows, int64_t num_q_heads,
                                               int64_t num_kv_heads, int64_t head_dim,
                                               int64_t block_size, int64_t max_kept,
-                                              at::ScalarType dtype, int64_t device_index) {
+                                              at::ScalarType dtype, int64_t device_index,
+                                              int64_t num_splits) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index));
   const sd::Params p =
       shape_params(num_rows, num_q_heads, num_kv_heads, head_dim, block_size, max_kept, dtype);
   sd::Plan plan;
-  check_cuda(sd::make_plan(p, static_cast<int>(device_index), &plan), "plan");
+  TORCH_CHECK(num_splits >= 0 && num_splits <= sd::kMaxSplits, "num_splits must be in [0, ",
+              sd::kMaxSplits, "], got ", num_splits);
+  check_cuda(sd::make_plan(p, static_cast<int>(device_index), &plan, static_cast<int>(num_splits)),
+             "plan");
   return {plan.group_max, plan.num_head_chunks, plan.num_splits,
           static_cast<int64_t>(plan.workspace_bytes)};
 }

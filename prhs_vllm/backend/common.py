@@ -459,7 +459,7 @@ class PrhsImplMixin:
         args = (q, summaries, key_cache, value_cache, rows.block_table, rows.seq_lens, params)
         if q.is_cuda and cfg.cuda_graphs and not cfg.audit:
             result = self._step_graphs.run(
-                *args, rows.max_pages, cfg.metrics, prev_keep, reuse=self._reuse
+                *args, rows.max_pages, cfg.metrics, prev_keep, reuse=self._reuse, step=rows
             )
         else:
             result = sparse_step(
@@ -470,7 +470,9 @@ class PrhsImplMixin:
         output.view(output.shape[0], self.num_heads, self.head_size)[index] = result.out.to(
             output.dtype
         )
-        if cfg.metrics:
+        if cfg.metrics and result.stats_recorded:
+            self.prhs_stats.count_rows(result.out.shape[0], self.num_kv_heads)
+        elif cfg.metrics:
             self.prhs_stats.record_rows(
                 result.row_stats, self.num_kv_heads, audited=result.true_dropped is not None
             )

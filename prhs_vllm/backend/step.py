@@ -30,8 +30,9 @@ class StepResult:
     num_pages: [N]; est_kept_mass, certified_dropped, true_dropped: [N, Hkv]
     float32 (certified None without metrics, true None outside audit mode);
     reused: [N, Hkv] bool or None; row_stats: [N, K] float64
-    ``metrics.layer_row_stats`` (None without metrics), computed inside the
-    step so that a replayed graph leaves one reduction to the host side."""
+    ``metrics.layer_row_stats`` (None without metrics); stats_recorded: the
+    step graph has already added row_stats into the process's device counters
+    (``metrics.StepStats.add_device_totals``): the caller only counts rows."""
 
     out: torch.Tensor
     keep: torch.Tensor
@@ -42,12 +43,13 @@ class StepResult:
     true_dropped: torch.Tensor | None = None
     reused: torch.Tensor | None = None
     row_stats: torch.Tensor | None = None
+    stats_recorded: bool = False
 
     def rows(self, n: int) -> StepResult:
         """The first n rows (graph buckets are padded)."""
 
         def cut(x):
-            return None if x is None else x[:n]
+            return x[:n] if isinstance(x, torch.Tensor) else x
 
         return StepResult(*(cut(getattr(self, f)) for f in self.__dataclass_fields__))
 
@@ -181,19 +183,60 @@ def _bucket(value: int, buckets: tuple[int, ...]) -> int | None:
     return next((b for b in buckets if b >= value), None)
 
 
+class _RowInputs:
+    """Static seq_lens [rows] and block_table [rows, slots] of one bucket,
+    shared by every layer's graph: the layers of a step attend for the same
+    rows, so the step's first sparse layer copies them in and the others only
+    replay (two copies a step, not two a layer)."""
+
+    def __init__(self, rows: int, slots: int, table_dtype, device) -> None:
+        self.seq_lens = torch.ones(rows, dtype=torch.int32, device=device)
+        self.block_table = torch.zeros((rows, slots), dtype=table_dtype, device=device)
+        self.row_weight = torch.zeros(rows, dtype=torch.float64, device=device)  # 1: a real row
+        self.step: object | None = None  # the step whose rows they hold
+        self._totals: torch.Tensor | None = None
+
+    def totals(self) -> torch.Tensor:
+        """[K] float64 device counters that the graphs of this bucket add their
+        real rows' ``metrics.layer_row_stats`` into (registered with the
+        process's stats at creation), instead of a reduction and an add
+        launched per layer."""
+        if self._totals is None:
+            fields = metrics.num_device_fields()
+            self._totals = torch.zeros(fields, dtype=torch.float64, device=self.seq_lens.device)
+            metrics.process_stats().add_device_totals(self._totals)
+        return self._totals
+
+    def stage(self, block_table, seq_lens, step: object | None) -> None:
+        """Copy a step's rows in (padded rows: one token of page 0), unless
+        they are `step`'s and already here. step None: always copy."""
+        if step is not None and step is self.step:
+            return
+        num_rows, slots = seq_lens.shape[0], self.block_table.shape[1]
+        self.seq_lens[:num_rows].copy_(seq_lens)
+        self.block_table[:num_rows].copy_(block_table[:, :slots])
+        self.row_weight[:num_rows].fill_(1)
+        if num_rows < self.seq_lens.shape[0]:
+            self.seq_lens[num_rows:].fill_(1)
+            self.block_table[num_rows:].zero_()
+            self.row_weight[num_rows:].zero_()
+        self.step = step
+
+
 class _Graph:
     """Static inputs, the captured graph and its static outputs for one bucket."""
 
     def __init__(
-        self, rows: int, slots: int, query: torch.Tensor, table_dtype, kv_heads: int, etf: bool
-    ) -> None:
+        self, rows: int, slots: int, query: torch.Tensor, inputs: _RowInputs, kv_heads: int,
+        etf: bool,
+    ) -> None:  # fmt: skip
         device = query.device
         self.query = torch.zeros((rows, *query.shape[1:]), dtype=query.dtype, device=device)
         self.prev_keep = (
             torch.zeros((rows, kv_heads, slots), dtype=torch.bool, device=device) if etf else None
         )
-        self.seq_lens = torch.ones(rows, dtype=torch.int32, device=device)
-        self.block_table = torch.zeros((rows, slots), dtype=table_dtype, device=device)
+        self.inputs = inputs
+        self.seq_lens, self.block_table = inputs.seq_lens, inputs.block_table
         self.graph = torch.cuda.CUDAGraph()
         self.result: StepResult | None = None
 
@@ -209,6 +252,7 @@ class StepGraphs:
 
     _pool = None  # one memory pool for every layer: layers replay one at a time
     _workspaces: dict[tuple, torch.Tensor] = {}
+    _row_inputs: dict[tuple, _RowInputs] = {}  # (device, rows, slots, table dtype)
 
     def __init__(self) -> None:
         self._graphs: dict[tuple[int, int], _Graph] = {}
@@ -227,8 +271,14 @@ class StepGraphs:
         with_metrics: bool,
         prev_keep: torch.Tensor | None = None,
         reuse: tuple[ReuseState, ReuseConfig] | None = None,
+        step: object | None = None,
     ) -> StepResult:
-        """Same arguments and result as ``sparse_step`` (num_slots = max_pages)."""
+        """Same arguments and result as ``sparse_step`` (num_slots = max_pages).
+
+        step: an object standing for this step's rows (the same one for every
+        layer of a step, a new one each step), or None. Layers that pass the
+        same step share one copy of block_table and seq_lens into the graphs'
+        inputs."""
         num_rows = query.shape[0]
         rows = _bucket(num_rows, ROW_BUCKETS)
         slots = min(-(-max_pages // SLOT_QUANTUM) * SLOT_QUANTUM, block_table.shape[1])
@@ -250,48 +300,60 @@ class StepGraphs:
         fresh = entry is None
         if fresh:
             entry = _Graph(
-                rows, slots, query, block_table.dtype, key_cache.shape[1],
-                params.frozen_fraction > 0,
+                rows, slots, query, self._inputs(rows, slots, block_table.dtype, query.device),
+                key_cache.shape[1], params.frozen_fraction > 0,
             )  # fmt: skip
         entry.query[:num_rows].copy_(query)
-        entry.seq_lens[:num_rows].copy_(seq_lens)
-        entry.block_table[:num_rows].copy_(block_table[:, :slots])
+        entry.inputs.stage(block_table, seq_lens, step)
         if entry.prev_keep is not None:
             entry.prev_keep.zero_()
             if prev_keep is not None:
                 entry.prev_keep[:num_rows].copy_(_fit(prev_keep, slots))
-        if num_rows < rows:  # padded rows: one token of page 0, whatever ran before
-            entry.seq_lens[num_rows:].fill_(1)
-            entry.block_table[num_rows:].zero_()
         if fresh:
             self._capture(
                 entry, summaries, key_cache, value_cache, params, slots, with_metrics, reuse
             )
             self._graphs[(rows, slots)] = entry
         entry.graph.replay()
-        return entry.result.rows(num_rows)
+        result = entry.result.rows(num_rows)
+        result.stats_recorded = with_metrics
+        return result
 
     def _capture(
         self, entry, summaries, key_cache, value_cache, params, slots, with_metrics, reuse
     ):
         workspace = self._workspace(entry.query, key_cache, slots)
+        inputs = entry.inputs
 
-        def step() -> StepResult:
-            return sparse_step(
+        def step(count: bool) -> StepResult:
+            result = sparse_step(
                 entry.query, summaries, key_cache, value_cache, entry.block_table,
                 entry.seq_lens, params, slots, with_metrics, workspace,
                 prev_keep=entry.prev_keep, reuse=reuse,
             )  # fmt: skip
+            if count and with_metrics:
+                weighted = result.row_stats * inputs.row_weight[:, None]
+                inputs.totals().add_(weighted.sum(0))
+            return result
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            step()  # compiles Triton kernels, warms the allocator
+            step(count=False)  # compiles Triton kernels, warms the allocator
         torch.cuda.current_stream().wait_stream(side)
+        if with_metrics:
+            inputs.totals()  # allocated outside the graph's memory pool
         if StepGraphs._pool is None:
             StepGraphs._pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(entry.graph, pool=StepGraphs._pool):
-            entry.result = step()
+            entry.result = step(count=True)
+
+    @classmethod
+    def _inputs(cls, rows: int, slots: int, table_dtype, device) -> _RowInputs:
+        key = (device, rows, slots, table_dtype)
+        if key not in cls._row_inputs:
+            cls._row_inputs[key] = _RowInputs(rows, slots, table_dtype, device)
+        return cls._row_inputs[key]
 
     @classmethod
     def _workspace(cls, query, key_cache, slots) -> torch.Tensor | None:

@@ -70,8 +70,12 @@ def check(query, key, value, table, seq_lens, kept_slots, num_kept, scale=None, 
     return out, lse
 
 
-def num_splits(query, key, kept_slots):
-    plan = cuda_ops.split_plan(
+def num_splits(query, key, kept_slots, asked: int = 0):
+    return plan_of(query, key, kept_slots, asked)["num_splits"]
+
+
+def plan_of(query, key, kept_slots, asked: int = 0):
+    return cuda_ops.split_plan(
         query.shape[0],
         query.shape[1],
         key.shape[1],
@@ -80,8 +84,8 @@ def num_splits(query, key, kept_slots):
         kept_slots.shape[-1],
         query.dtype,
         query.device,
+        asked,
     )
-    return plan["num_splits"]
 
 
 def inputs_and_slots(gen, lens, num_kv_heads, group, head_dim, block_size, dtype, **kwargs):
@@ -114,20 +118,37 @@ def test_matches_reference_split_k(gen, group, head_dim, dtype, block_size):
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("group", [pytest.param(g, id=f"gqa{g}") for g in (4, 8)])
 def test_matches_reference_one_split(gen, group, head_dim):
-    """Enough rows x KV heads to fill the GPU: one split, out written directly."""
+    """One split: out written directly, no merge kernel."""
     lens = [int(n) for n in torch.randint(1, 700, (160,), generator=gen)]
     args = inputs_and_slots(gen, lens, 8, group, head_dim, 16, torch.bfloat16)
-    assert num_splits(args[0], args[1], args[5]) == 1
-    check(*args)
+    assert num_splits(args[0], args[1], args[5], asked=1) == 1
+    check(*args, num_splits=1)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 7, 64, 256])
+def test_any_split_count_matches_reference(gen, splits):
+    """Split counts asked for (benchmarks): more splits than kept pages leave
+    empty splits; 256 is capped to what the shape allows."""
+    args = inputs_and_slots(gen, LENS, 2, 4, 128, 16, torch.bfloat16)
+    width = args[5].shape[-1]
+    cap = min(256, width, -(-width * 16 // 64))  # at least 64 kept tokens a split
+    assert num_splits(args[0], args[1], args[5], asked=splits) == min(splits, cap)
+    check(*args, num_splits=splits)
+
+
+def test_split_count_out_of_range_is_refused(gen):
+    args = inputs_and_slots(gen, LENS, 2, 4, 128, 16, torch.bfloat16)
+    with pytest.raises(SparseDecodeArgumentError, match="num_splits must be in"):
+        run_kernel(*args, args[0].shape[-1] ** -0.5, num_splits=257)
 
 
 def test_more_kept_segments_than_the_segment_table(gen):
     """> 256 kept 16-token segments in one CTA: the table is refilled."""
     lens = [4200 + int(n) for n in torch.randint(0, 50, (256,), generator=gen)]
     args = inputs_and_slots(gen, lens, 4, 1, 64, 16, torch.bfloat16, fraction=1.0)
-    assert num_splits(args[0], args[1], args[5]) == 1
+    assert num_splits(args[0], args[1], args[5], asked=1) == 1
     assert int(args[6].min()) > 256
-    check(*args)
+    check(*args, num_splits=1)
 
 
 @pytest.mark.parametrize("block_size", [pytest.param(b, id=f"bs{b}") for b in (48, 64, 256)])

@@ -91,3 +91,45 @@ def test_graph_replay_with_reuse_state_equals_eager():
         torch.testing.assert_close(got.out.float(), want.out.float(), atol=2e-2, rtol=2e-2)
         reused += int(want.reused.sum())
     assert reused > 0
+
+
+def test_layers_of_a_step_share_one_copy_of_the_rows():
+    """Two layers replay graphs that read one staged copy of a step's
+    block_table and seq_lens: the second layer of a step copies nothing, a new
+    step (new token, other rows and lengths) is copied in again, and every
+    layer's result equals its eager step. The graphs add their real rows'
+    metrics (not the padded ones) into the bucket's device counters."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    layers = [_layer(4096, gen) for _ in range(2)]
+    params = SelectionParams(
+        block_size=BS, scale=D**-0.5, budget=0.125, delta=0.05, sink_tokens=64, local_tokens=256
+    )
+    graphs = [StepGraphs(), StepGraphs()]
+    width = 1100
+    counters = StepGraphs._inputs(8, 1024, torch.int32, torch.device("cuda", 0)).totals()
+    before, added = counters.clone(), torch.zeros_like(counters)
+    for num_rows in (5, 7, 6):  # one bucket: 8 rows, 1024 slots (513-563 pages)
+        token = object()
+        seq_lens = torch.randint(8200, 9001, (num_rows,), device="cuda", generator=gen)
+        seq_lens = seq_lens.to(torch.int32)
+        table = torch.randint(1, 4096, (num_rows, width), device="cuda", generator=gen)
+        table = table.to(torch.int32)
+        max_pages = math.ceil(int(seq_lens.max()) / BS)
+        for index, (key, value, summaries) in enumerate(layers):
+            query = torch.randn(num_rows, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+            args = (query, summaries, key, value, table, seq_lens, params, max_pages, True)
+            got = graphs[index].run(*args, step=token)
+            entry = graphs[index]._graphs[(8, 1024)]
+            assert entry.inputs.step is token
+            if index == 1:  # the first layer's copy, not a second one
+                assert entry.inputs is graphs[0]._graphs[(8, 1024)].inputs
+            want = sparse_step(*args)
+            torch.testing.assert_close(got.out.float(), want.out.float(), atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(got.keep_counts, want.keep_counts)
+            torch.testing.assert_close(got.row_stats, want.row_stats, atol=1e-4, rtol=1e-5)
+            assert got.stats_recorded and not want.stats_recorded
+            added += want.row_stats.sum(0)
+        # Padded rows hold one token of page 0 whatever the previous step held.
+        assert entry.seq_lens[num_rows:].eq(1).all()
+        assert entry.block_table[num_rows:].eq(0).all()
+    torch.testing.assert_close(counters - before, added, atol=1e-3, rtol=1e-6)

@@ -101,9 +101,11 @@ def split_plan(
     max_kept: int,
     dtype: torch.dtype,
     device: torch.device | str | int,
+    num_splits: int = 0,
 ) -> dict[str, int]:
     """How one call is cut up: query heads per CTA, CTAs per KV head group,
-    split-K factor and workspace bytes."""
+    split-K factor and workspace bytes (num_splits > 0: the plan that asks for
+    that split-K factor, as ``sparse_paged_decode_indexed`` takes it)."""
     group_max, head_chunks, splits, nbytes = _plan(
         num_rows,
         num_q_heads,
@@ -113,6 +115,7 @@ def split_plan(
         max_kept,
         dtype,
         _device_index(device),
+        num_splits,
     )
     return {
         "heads_per_cta": group_max,
@@ -132,12 +135,14 @@ def _plan(
     max_kept: int,
     dtype: torch.dtype,
     device_index: int,
+    num_splits: int = 0,
 ) -> tuple[int, int, int, int]:
     """The plan depends only on shapes and the device (never on data), so one
     op call per distinct shape is enough: later calls are a dict lookup."""
     plan = _ops().sparse_paged_decode_plan(
-        num_rows, num_q_heads, num_kv_heads, head_dim, block_size, max_kept, dtype, device_index
-    )
+        num_rows, num_q_heads, num_kv_heads, head_dim, block_size, max_kept, dtype, device_index,
+        num_splits,
+    )  # fmt: skip
     return tuple(int(x) for x in plan)
 
 
@@ -151,6 +156,7 @@ _HEAD_DIMS = (64, 128, 256)
 _SEGMENT = 16  # tokens per kept segment: block_size must be a multiple
 _ALIGN = 16  # bytes: the kernels use 16-byte vector loads and stores
 _VECTOR = 8  # elements of 16 bits in 16 bytes: row strides must be multiples
+_MAX_SPLITS = 256  # kMaxSplits in csrc/sparse_decode/sparse_decode_kernel.cuh
 # The device type the kernels run on; tests of the checks on CPU tensors patch it.
 _KERNEL_DEVICE_TYPE = "cuda"
 
@@ -327,7 +333,7 @@ def check_workspace(workspace: torch.Tensor, device: torch.device, need: int) ->
         _fail(f"workspace must be {_ALIGN}-byte aligned (data_ptr {workspace.data_ptr():#x})")
 
 
-def _workspace_bytes(query, key_cache, kept_slots) -> int:
+def _workspace_bytes(query, key_cache, kept_slots, num_splits: int = 0) -> int:
     num_rows, num_q_heads, head_dim = query.shape
     return split_plan(
         num_rows,
@@ -338,24 +344,24 @@ def _workspace_bytes(query, key_cache, kept_slots) -> int:
         kept_slots.shape[-1],
         query.dtype,
         query.device,
+        num_splits,
     )["workspace_bytes"]
 
 
 _workspaces: dict[torch.device, torch.Tensor] = {}
 
 
-def _shared_workspace(query, key_cache, kept_slots) -> torch.Tensor:
-    """A per-device workspace, grown on demand outside graph capture."""
-    need = _workspace_bytes(query, key_cache, kept_slots)
-    workspace = _workspaces.get(query.device)
+def _shared_workspace(device: torch.device, need: int) -> torch.Tensor:
+    """A per-device workspace of >= need bytes, grown on demand outside graph capture."""
+    workspace = _workspaces.get(device)
     if workspace is None or workspace.numel() < need:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "sparse_paged_decode needs a larger workspace during CUDA graph capture: "
                 "pass workspace=alloc_workspace(max_num_rows, ...) allocated before capture"
             )
-        workspace = torch.empty(need, dtype=torch.uint8, device=query.device)
-        _workspaces[query.device] = workspace
+        workspace = torch.empty(need, dtype=torch.uint8, device=device)
+        _workspaces[device] = workspace
     return workspace
 
 
@@ -372,6 +378,7 @@ def sparse_paged_decode_indexed(
     *,
     lse: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
+    num_splits: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA version of the reference of the same name (same arguments, same
     results up to float32 summation order).
@@ -391,6 +398,8 @@ def sparse_paged_decode_indexed(
         lse: optional [N, Hq] float32 output.
         workspace: optional uint8 tensor from alloc_workspace; without one a
             per-device workspace is used (and grown outside graph capture).
+        num_splits: 0 lets the plan pick the split-K factor; > 0 (at most 256)
+            asks for that many (benchmarks: the workspace must fit that plan).
     Returns:
         (out [N, Hq, D], lse [N, Hq] float32; 0 and -inf where nothing is visible).
     Raises:
@@ -402,8 +411,11 @@ def sparse_paged_decode_indexed(
     check_arguments(
         query, key_cache, value_cache, block_table, seq_lens, kept_slots, num_kept, out, lse
     )
+    if not 0 <= num_splits <= _MAX_SPLITS:
+        _fail(f"num_splits must be in [0, {_MAX_SPLITS}], got {num_splits}")
+    need = _workspace_bytes(query, key_cache, kept_slots, num_splits)
     if workspace is not None:
-        check_workspace(workspace, query.device, _workspace_bytes(query, key_cache, kept_slots))
+        check_workspace(workspace, query.device, need)
     ops = _ops()
     num_rows, num_q_heads, head_dim = query.shape
     if out is None:
@@ -411,7 +423,7 @@ def sparse_paged_decode_indexed(
     if lse is None:
         lse = torch.empty((num_rows, num_q_heads), dtype=torch.float32, device=query.device)
     if workspace is None:
-        workspace = _shared_workspace(query, key_cache, kept_slots)
+        workspace = _shared_workspace(query.device, need)
     ops.sparse_paged_decode(
         query,
         key_cache,
@@ -424,5 +436,6 @@ def sparse_paged_decode_indexed(
         out,
         lse,
         workspace,
+        num_splits,
     )
     return out, lse
