@@ -155,16 +155,24 @@ def route_cpu_platform_to_prhs(class_path: str) -> None:
     CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
 
 
-def seq_lens_host(common_attn_metadata: Any) -> Any:
-    """[num_reqs] int32 CPU tensor of sequence lengths.
+def seq_lens_host(common_attn_metadata: Any, exact: bool = False) -> Any:
+    """[num_reqs] int CPU tensor of sequence lengths, read without waiting for
+    the device where vLLM provides them on the host.
 
-    Why: 0.26 still carries a deprecated `_seq_lens_cpu`; 0.32 has only the
-    device tensor. How: use the host copy when present, else copy (on CUDA
-    this synchronises; the reference path accepts that). Remove when: the
-    builder decides sparsity on the device (GPU kernels issue).
+    Why: 0.26's v1 runner still fills the deprecated `_seq_lens_cpu`; its v2
+    runner (the default for dense models) and 0.32 fill only
+    `seq_lens_cpu_upper_bound`, exact except for rows of asynchronous
+    speculative decoding (optimistic there: every draft accepted). A copy of
+    the device tensor instead waits for the previous step's forward on every
+    step with long contexts, so the host cannot prepare the next step while
+    the GPU runs this one. How: `_seq_lens_cpu` when present, else (unless
+    `exact`) the upper bound, else the copy. Remove when: the builder decides
+    sparsity on the device.
     """
     num_reqs = common_attn_metadata.num_reqs
     host = getattr(common_attn_metadata, "_seq_lens_cpu", None)
+    if host is None and not exact:
+        host = getattr(common_attn_metadata, "seq_lens_cpu_upper_bound", None)
     if host is not None:
         return host[:num_reqs]
     return common_attn_metadata.seq_lens[:num_reqs].cpu()

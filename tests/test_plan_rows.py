@@ -83,3 +83,65 @@ def test_no_rows_when_every_context_is_short(device):
     config = types.SimpleNamespace(min_context=MIN_CONTEXT)
     assert plan_sparse_rows(common, config, stats, BLOCK_SIZE) is None
     assert stats.steps == [(0, 1)]
+
+
+class DeviceLens:
+    """A device seq_lens stand-in whose host copy is counted (each one
+    waits for the device on CUDA)."""
+
+    def __init__(self, values) -> None:
+        self.values = torch.tensor(values, dtype=torch.int32)
+        self.copies = 0
+
+    def __getitem__(self, index):
+        return self
+
+    def cpu(self):
+        self.copies += 1
+        return self.values
+
+
+def host_lens_metadata(device_lens, exact_host=None, upper_bound=None):
+    common = types.SimpleNamespace(num_reqs=3, seq_lens=DeviceLens(device_lens))
+    if exact_host is not None:
+        common._seq_lens_cpu = torch.tensor(exact_host, dtype=torch.int32)
+    if upper_bound is not None:
+        common.seq_lens_cpu_upper_bound = torch.tensor(upper_bound, dtype=torch.int32)
+    return common
+
+
+@pytest.mark.parametrize(
+    "exact_host, upper_bound, exact, want, copies",
+    [
+        ([5, 6, 7], [8, 9, 10], False, [5, 6, 7], 0),  # v1 runner: its host copy
+        (None, [8, 9, 10], False, [8, 9, 10], 0),  # v2 runner, 0.32: the host bound
+        (None, [8, 9, 10], True, [1, 2, 3], 1),  # speculative decoding: exact lengths
+        (None, None, False, [1, 2, 3], 1),  # nothing on the host: the copy
+    ],
+    ids=["v1-host-copy", "v2-upper-bound", "exact-asked", "device-only"],
+)
+def test_host_lengths_do_not_wait_for_the_device(exact_host, upper_bound, exact, want, copies):
+    """The v2 runner gives no `_seq_lens_cpu`: the plan reads vLLM's host
+    upper bound instead of copying the device tensor (which made every long
+    step wait for the previous step's forward), unless exact lengths are asked."""
+    from prhs_vllm import _compat
+
+    common = host_lens_metadata([1, 2, 3], exact_host, upper_bound)
+    got = _compat.seq_lens_host(common, exact=exact)
+    assert got.tolist() == want
+    assert common.seq_lens.copies == copies
+
+
+@pytest.mark.parametrize("exact_lens", [False, True])
+def test_plan_decides_on_the_lengths_it_is_given(exact_lens):
+    """A row whose host upper bound reaches min_context but whose real length
+    does not: sparse on the bound, dense when exact lengths are asked."""
+    gen = torch.Generator().manual_seed(0)
+    common = common_metadata([1, 1], [MIN_CONTEXT - 2, 300], "cpu", gen)
+    del common._seq_lens_cpu
+    common.seq_lens_cpu_upper_bound = torch.tensor([MIN_CONTEXT + 1, 300], dtype=torch.int32)
+    stats = CountingStats()
+    config = types.SimpleNamespace(min_context=MIN_CONTEXT)
+    rows = plan_sparse_rows(common, config, stats, BLOCK_SIZE, exact_lens=exact_lens)
+    assert stats.steps == [(1, 1)] if exact_lens else [(2, 0)]
+    assert rows.all_sparse == (not exact_lens)

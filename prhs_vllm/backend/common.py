@@ -85,11 +85,18 @@ def sparse_row_mask(query_lens: torch.Tensor, seq_lens: torch.Tensor, min_contex
 
 
 def plan_sparse_rows(
-    common: Any, config: PrhsConfig, stats: metrics.StepStats, block_size: int
+    common: Any,
+    config: PrhsConfig,
+    stats: metrics.StepStats,
+    block_size: int,
+    exact_lens: bool = False,
 ) -> SparseRows | None:
     """Pick the decode rows whose context is long enough to run sparse
     (``sparse_row_mask``). Only host data is read and nothing waits for the
-    device (where vLLM provides host sequence lengths)."""
+    device (where vLLM provides host sequence lengths). exact_lens: never
+    decide on vLLM's host upper bound of the lengths (with speculative
+    decoding it can run ahead of a row's real length), at the cost of a
+    device-to-host copy where it is all vLLM has."""
     num_reqs = common.num_reqs
     qsl = common.query_start_loc_cpu[: num_reqs + 1]
     query_lens = qsl[1:] - qsl[:-1]
@@ -97,7 +104,7 @@ def plan_sparse_rows(
     if common.max_seq_len < config.min_context:
         stats.record_step(0, int(decode.sum()))
         return None
-    seq_lens = _compat.seq_lens_host(common)
+    seq_lens = _compat.seq_lens_host(common, exact=exact_lens)
     sparse = sparse_row_mask(query_lens, seq_lens, config.min_context)
     num_sparse = int(sparse.sum())
     stats.record_step(num_sparse, int(decode.sum()) - num_sparse)
@@ -228,6 +235,7 @@ class PrhsBuilderMixin:
         self.prhs_config = config_for(vllm_config)
         self.prhs_stats = metrics.process_stats()
         self._capturing = False
+        self._exact_lens = getattr(vllm_config, "speculative_config", None) is not None
 
     def build_for_cudagraph_capture(self, common_attn_metadata):
         """The metadata vLLM captures a full graph with: every row dense (a
@@ -247,8 +255,9 @@ class PrhsBuilderMixin:
             # (their layers' rows included), never a step planned but not yet run.
             self.prhs_stats.maybe_flush()
         sparse = plan_sparse_rows(
-            common_attn_metadata, self.prhs_config, self.prhs_stats, self.kv_cache_spec.block_size
-        )
+            common_attn_metadata, self.prhs_config, self.prhs_stats,
+            self.kv_cache_spec.block_size, exact_lens=self._exact_lens,
+        )  # fmt: skip
         return PrhsMetadata(base=base, sparse=sparse)
 
 
