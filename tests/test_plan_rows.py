@@ -143,5 +143,5 @@ def test_plan_decides_on_the_lengths_it_is_given(exact_lens):
     stats = CountingStats()
     config = types.SimpleNamespace(min_context=MIN_CONTEXT)
     rows = plan_sparse_rows(common, config, stats, BLOCK_SIZE, exact_lens=exact_lens)
-    assert stats.steps == [(1, 1)] if exact_lens else [(2, 0)]
+    assert stats.steps == ([(1, 1)] if exact_lens else [(2, 0)])
     assert rows.all_sparse == (not exact_lens)
