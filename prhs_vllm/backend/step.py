@@ -235,8 +235,7 @@ class _Graph:
         self.prev_keep = (
             torch.zeros((rows, kv_heads, slots), dtype=torch.bool, device=device) if etf else None
         )
-        self.inputs = inputs
-        self.seq_lens, self.block_table = inputs.seq_lens, inputs.block_table
+        self.inputs = inputs  # seq_lens and block_table, shared by the layers
         self.graph = torch.cuda.CUDAGraph()
         self.result: StepResult | None = None
 
@@ -327,8 +326,8 @@ class StepGraphs:
 
         def step(count: bool) -> StepResult:
             result = sparse_step(
-                entry.query, summaries, key_cache, value_cache, entry.block_table,
-                entry.seq_lens, params, slots, with_metrics, workspace,
+                entry.query, summaries, key_cache, value_cache, inputs.block_table,
+                inputs.seq_lens, params, slots, with_metrics, workspace,
                 prev_keep=entry.prev_keep, reuse=reuse,
             )  # fmt: skip
             if count and with_metrics:

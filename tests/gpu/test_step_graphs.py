@@ -130,6 +130,6 @@ def test_layers_of_a_step_share_one_copy_of_the_rows():
             assert got.stats_recorded and not want.stats_recorded
             added += want.row_stats.sum(0)
         # Padded rows hold one token of page 0 whatever the previous step held.
-        assert entry.seq_lens[num_rows:].eq(1).all()
-        assert entry.block_table[num_rows:].eq(0).all()
+        assert entry.inputs.seq_lens[num_rows:].eq(1).all()
+        assert entry.inputs.block_table[num_rows:].eq(0).all()
     torch.testing.assert_close(counters - before, added, atol=1e-3, rtol=1e-6)
