@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (vLLM 0.26.0 staged): the phases named on the command line,
-# results in $OUT. Phases: setup, tests, ops, ops-int8, sweep, sweep-scoring, sweep-splits, profile,
+# results in $OUT. Phases: setup, tests, ops, ops-int8, ab-attention, sweep, sweep-scoring,
+# sweep-splits, profile,
 # e2e, e2e-16, e2e-int8, fallback, fallback-ab, fallback-cpu, fallback-stacks, fallback-bisect,
 # graphs.
 #   bash benchmarks/gpu_run.sh setup tests ops
@@ -34,6 +35,20 @@ for phase in "$@"; do
       python3 benchmarks/ops_sparse_decode.py --batches 12 16 --contexts 32768 --budgets 16 \
         --splits 0 4 5 6 11 --pad-slots --no-dense \
         --out "$out/ops_sparse_decode_splits_padded.json" 2>&1 | tee "$out/ops_sparse_decode_splits_padded.txt" ;;
+    ab-attention)  # this tree's attention kernel against a base tree's, interleaved, same machine;
+      # make the base here first, and carry it (ignored by git):
+      #   git archive BASE csrc prhs_vllm setup.py pyproject.toml README.md > ab_base_tree.tar
+      base=/tmp/ab-base; rm -rf "$base"; mkdir -p "$base"
+      tar -xf ab_base_tree.tar -C "$base" && cp -r benchmarks "$base/"
+      # The system gcc, as gpu_setup.sh builds (C++ exceptions must raise).
+      (cd "$base" && CC=/usr/bin/gcc CXX=/usr/bin/g++ python3 setup.py -q build_ext --inplace \
+        > "$out/ab_base_build.txt" 2>&1)
+      attn=(benchmarks/ops_sparse_decode.py --batches 12 16 32 --contexts 32768 --budgets 16 8
+        --no-dense --replays 50)
+      for run in 1 2; do
+        (cd "$base" && python3 "${attn[@]}" --out "$out/attn_before_run$run.json" 2>&1 | grep prhs_sparse)
+        python3 "${attn[@]}" --out "$out/attn_after_run$run.json" 2>&1 | grep prhs_sparse
+      done ;;
     sweep-scoring)  # scoring alone, both summary formats, live context vs the 2560-slot bucket
       timeout 300 python3 benchmarks/kernel_sweep.py --batch 12 --kernels scoring --shapes 32832:2560 \
         --centroid-dtypes float32 int8 --out "$out/kernel_sweep_scoring.jsonl" > /dev/null 2>&1

@@ -17,6 +17,7 @@ from prhs_vllm.ops.cuda.sparse_decode import SparseDecodeArgumentError
 N, HKV, GROUP, D, BS, PAGES, M, K = 3, 2, 4, 128, 16, 9, 5, 4
 HQ = HKV * GROUP
 NEED = 4096  # workspace bytes the mocked plan asks for
+COUNTER_BYTES = 64  # of which the leading arrival counters
 
 
 class FakeOps:
@@ -33,15 +34,24 @@ class FakeOps:
 def fake(monkeypatch):
     """No extension, no CUDA: CPU counts as the kernel's device, split_plan
     asks for NEED bytes, _ops() hands out a recorder. Both record their calls,
-    so a test can tell that nothing reached the (mocked) C++ side."""
+    so a test can tell that nothing reached the (mocked) C++ side. No graph
+    is being captured unless a test says so."""
     ops = FakeOps()
     plans = []
 
     def split_plan(*args):
         plans.append(args)
-        return {"heads_per_cta": 4, "head_chunks": 1, "num_splits": 2, "workspace_bytes": NEED}
+        return {
+            "heads_per_cta": 4,
+            "head_chunks": 1,
+            "num_splits": 2,
+            "workspace_bytes": NEED,
+            "merge_in_split": True,
+            "counter_bytes": COUNTER_BYTES,
+        }
 
     monkeypatch.setattr(sd, "_KERNEL_DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(sd, "split_plan", split_plan)
     monkeypatch.setattr(sd, "_ops", lambda: ops)
     monkeypatch.setattr(sd, "_workspaces", {})
@@ -254,7 +264,6 @@ def test_good_arguments_reach_the_op(fake, monkeypatch, device, dtype):
 def test_good_arguments_without_outputs(fake, monkeypatch):
     """out / lse / workspace allocated by the wrapper (the shared workspace
     sized by split_plan)."""
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     args = good_args()
     for name in ("out", "lse", "workspace"):
         del args[name]
@@ -278,3 +287,58 @@ def test_fa_layout_cache_views_pass(fake):
 
 def test_error_is_a_value_error():
     assert issubclass(SparseDecodeArgumentError, ValueError)
+
+
+def test_unseen_workspace_gets_its_counters_zeroed_once(fake, monkeypatch):
+    """The last split merges by counting arrivals in the workspace's first
+    bytes, which must start at zero: a caller's torch.empty workspace is zeroed
+    on its first call, then trusted (every launch leaves the counters zero)."""
+    args = good_args()
+    workspace = args["workspace"]
+    workspace.fill_(0xFF)
+    call(args)
+    assert (workspace[:COUNTER_BYTES] == 0).all()
+    assert (workspace[COUNTER_BYTES:] == 0xFF).all(), "only the counters are zeroed"
+    workspace.fill_(7)  # stands for state the (mocked) kernel would leave
+    call(args)
+    assert (workspace == 7).all(), "a known workspace is not zeroed again"
+
+
+def test_workspace_first_seen_in_capture_is_zeroed_on_every_call(fake, monkeypatch):
+    """Capture runs nothing: the zeroing is recorded into the graph, and the
+    workspace is not taken as zeroed for later eager calls."""
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    args = good_args()
+    workspace = args["workspace"]
+    for _ in range(2):
+        workspace.fill_(0xFF)
+        call(args)
+        assert (workspace[:COUNTER_BYTES] == 0).all()
+    capturing[0] = False
+    workspace.fill_(0xFF)
+    call(args)
+    assert (workspace[:COUNTER_BYTES] == 0).all()
+
+
+def test_wrapper_workspaces_are_zero_filled(fake, monkeypatch):
+    """The shared workspace and alloc_workspace's start with zero counters."""
+    monkeypatch.setattr(sd, "workspace_size", lambda *args: NEED)
+    monkeypatch.setattr(torch, "empty", _poisoned(torch.empty))
+    args = good_args()
+    del args["workspace"]
+    call(args)
+    (sent,) = fake.ops.calls
+    assert (sent[-2] == 0).all()
+    allocated = sd._zeroed_workspace(NEED, torch.device("cpu"))
+    assert (allocated == 0).all() and allocated.numel() == NEED
+
+
+def _poisoned(empty):
+    """torch.empty that fills with 0xFF bytes: shows a zero-filled result was
+    not a lucky fresh page."""
+
+    def poisoned(*args, **kwargs):
+        return empty(*args, **kwargs).fill_(0xFF if kwargs.get("dtype") is torch.uint8 else 1)
+
+    return poisoned

@@ -22,8 +22,13 @@ struct Plan {
   int group_max;        // query heads per CTA (template GMAX)
   int num_head_chunks;  // ceil(group / group_max)
   int num_splits;
+  bool merge_in_split;  // the last split merges (else the combine kernel)
   size_t workspace_bytes;
 };
+
+// A split-K workspace starts with kMergeCounters arrival counters: the same
+// place for every plan, so counters stay zero across calls of any shape.
+constexpr size_t kCounterBytes = size_t(kMergeCounters) * sizeof(int);
 
 inline int group_max_for(int group) {
   return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
@@ -65,7 +70,7 @@ struct Variant {
     const dim3 grid(p.num_rows * p.num_splits, p.num_kv_heads * p.num_head_chunks);
     split_kernel()<<<grid, kThreads, Tl::kSmemBytes, stream>>>(p);
     cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess || p.num_splits == 1) return err;
+    if (err != cudaSuccess || p.num_splits == 1 || p.merge_counters != nullptr) return err;
     const int items = p.num_rows * p.num_q_heads;
     combine_kernel()<<<(items + kCombineWarps - 1) / kCombineWarps, kCombineWarps * 32, 0,
                        stream>>>(p);
@@ -154,10 +159,12 @@ inline cudaError_t make_plan(const Params& p, int device, Plan* plan, int reques
   int64_t splits = requested_splits > 0 ? std::min<int64_t>(requested_splits, cap)
                                         : std::min(one_wave_splits(units, target), cap);
   plan->num_splits = int(std::max<int64_t>(splits, 1));
+  plan->merge_in_split = plan->num_splits > 1 && units <= kMergeCounters;
   plan->workspace_bytes = plan->num_splits == 1
                               ? 0
-                              : size_t(plan->num_splits) * p.num_rows * p.num_q_heads *
-                                    (p.head_dim + 1) * sizeof(float);
+                              : kCounterBytes + size_t(plan->num_splits) * p.num_rows *
+                                                    p.num_q_heads * (p.head_dim + 1) *
+                                                    sizeof(float);
   return cudaSuccess;
 }
 
@@ -175,14 +182,19 @@ inline cudaError_t max_workspace_bytes(Params p, int max_rows, int device, size_
 }
 
 // Launches the decode (and the split-K merge) on `stream`. `workspace` must
-// hold plan.workspace_bytes, 16-byte aligned. Returns the launch error.
+// hold plan.workspace_bytes, 16-byte aligned, and its first kCounterBytes
+// must be zero (as every launch leaves them). Returns the launch error.
 inline cudaError_t run(Params p, const Plan& plan, void* workspace, cudaStream_t stream) {
   if (p.num_rows == 0) return cudaSuccess;
   p.group_size = p.num_q_heads / p.num_kv_heads;
   p.num_head_chunks = plan.num_head_chunks;
   p.num_splits = plan.num_splits;
-  // [splits, N, Hq, D] partial outputs, then [splits, N, Hq] partial lse.
-  p.partial_out = static_cast<float*>(workspace);
+  // Counters, then [splits, N, Hq, D] partial outputs, then [splits, N, Hq]
+  // partial lse.
+  unsigned char* base = static_cast<unsigned char*>(workspace);
+  const bool counted = base != nullptr && plan.merge_in_split;
+  p.merge_counters = counted ? reinterpret_cast<int*>(base) : nullptr;
+  p.partial_out = base == nullptr ? nullptr : reinterpret_cast<float*>(base + kCounterBytes);
   p.partial_lse = p.partial_out == nullptr
                       ? nullptr
                       : p.partial_out + size_t(plan.num_splits) * p.num_rows * p.num_q_heads *

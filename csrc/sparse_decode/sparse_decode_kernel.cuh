@@ -8,7 +8,9 @@
 // reads back only its own copies, so the main loop needs no barrier. Every
 // token row keeps its own online-softmax state; rows are merged once at the
 // end through shared memory. With num_splits > 1 the CTA writes a partial
-// (normalised output, log2-sum-exp) that sparse_decode_combine_kernel merges.
+// (normalised output, log2-sum-exp); the last split of a (row, KV head, head
+// chunk) to finish merges them (merge_counters), or, without counters,
+// sparse_decode_combine_kernel does.
 #pragma once
 
 #include <cmath>
@@ -27,6 +29,11 @@ constexpr int kSegment = 16;         // tokens; every page size is a multiple
 constexpr int kSegmentCap = 256;     // segments whose addresses sit in smem at once
 constexpr int kMaxSplits = 256;
 constexpr int kCombineWarps = 4;
+// Arrival counters at the start of a split-K workspace, one per (row, KV head,
+// head chunk). Automatic plans split only below one wave of CTAs (a few
+// hundred units), so this bounds only forced split counts, which beyond it
+// use the combine kernel.
+constexpr int kMergeCounters = 4096;
 constexpr float kLn2 = 0.693147180559945309f;
 
 template <int D, int GMAX>
@@ -48,6 +55,57 @@ struct Tile {
   static_assert(kChunk % kSegment == 0, "a stage holds whole segments");
   static_assert(kMainBytes % 16 == 0, "segment table alignment");
 };
+
+// The num_splits partials of GMAX query heads of one row, merged by one CTA
+// (the last split to finish). lse_buf: >= GMAX * num_splits floats of smem.
+// __ldcg: other SMs wrote the partials, so read them from L2, not L1.
+template <typename T, int D, int GMAX>
+__device__ __forceinline__ void merge_splits(const Params& p, int row, int first_head,
+                                             int num_heads, float* lse_buf) {
+  const float kNegInf = -INFINITY;
+  const int64_t split_stride = int64_t(p.num_rows) * p.num_q_heads;
+  const int64_t first = int64_t(row) * p.num_q_heads + first_head;
+  for (int i = threadIdx.x; i < GMAX * p.num_splits; i += kThreads) {
+    const int g = i / p.num_splits;
+    const int s = i - g * p.num_splits;
+    lse_buf[i] = g < num_heads ? __ldcg(p.partial_lse + s * split_stride + first + g) : kNegInf;
+  }
+  __syncthreads();
+  for (int item = threadIdx.x; item < GMAX * D / 4; item += kThreads) {
+    const int g = item / (D / 4);
+    const int d = (item - g * (D / 4)) * 4;
+    if (g >= num_heads) continue;
+    const float* lse = lse_buf + g * p.num_splits;
+    float m_all = kNegInf;
+    for (int s = 0; s < p.num_splits; ++s) m_all = fmaxf(m_all, lse[s]);
+    float l_all = 0.f;
+    float o[4] = {0.f, 0.f, 0.f, 0.f};
+    if (m_all != kNegInf) {
+      const float* src = p.partial_out + (first + g) * D + d;
+#pragma unroll 4
+      for (int s = 0; s < p.num_splits; ++s) {
+        const float w = exp2f(lse[s] - m_all);
+        if (w == 0.f) continue;  // empty split: skip its bytes
+        const float4 x = __ldcg(reinterpret_cast<const float4*>(src + s * split_stride * D));
+        l_all += w;
+        o[0] = fmaf(w, x.x, o[0]);
+        o[1] = fmaf(w, x.y, o[1]);
+        o[2] = fmaf(w, x.z, o[2]);
+        o[3] = fmaf(w, x.w, o[3]);
+      }
+    }
+    const float inv_l = l_all > 0.f ? 1.f / l_all : 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[i] *= inv_l;
+    const int head = first_head + g;
+    T* dst = static_cast<T*>(p.out) + row * p.out_stride_row + head * p.out_stride_head + d;
+    store_packed<T, 4>(dst, o);
+    if (d == 0) {
+      p.lse[row * p.lse_stride_row + head * p.lse_stride_head] =
+          l_all > 0.f ? (m_all + log2f(l_all)) * kLn2 : kNegInf;
+    }
+  }
+}
 
 template <typename T, int D, int GMAX>
 __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
@@ -281,6 +339,28 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
       if (d == 0) p.partial_lse[part] = lse2;
     }
   }
+  if (p.num_splits == 1 || p.merge_counters == nullptr) return;
+
+  // The last split to arrive merges: no second kernel, no gap between two.
+  // The barrier orders the CTA's partial writes before thread 0's release
+  // fence and count (cumulativity): one acq_rel fence a CTA. A __threadfence()
+  // in every thread (fence.sc: MEMBAR.SC.GPU + CCTL.IVALL) made the whole
+  // kernel 5-8% slower on the H100 (benchmarks/results/h100-session10/).
+  int* is_last = seg_valid;  // the segment table is no longer read
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* counter = p.merge_counters + row_head * p.num_head_chunks + head_chunk;
+    fence_acq_rel_gpu();
+    const bool last = atomicAdd(counter, 1) == p.num_splits - 1;
+    if (last) {
+      *counter = 0;  // every split has arrived: ready for the next launch
+      fence_acq_rel_gpu();  // acquire: the other splits' partials
+    }
+    *is_last = last;
+  }
+  __syncthreads();
+  if (!*is_last) return;
+  merge_splits<T, D, GMAX>(p, row, first_head, num_heads, reinterpret_cast<float*>(smem));
 }
 
 // Merges the num_splits partials of each (row, query head): one warp each.

@@ -179,6 +179,11 @@ std::vector<int64_t> sparse_paged_decode_plan(int64_t num_rows, int64_t num_q_he
               sd::kMaxSplits, "], got ", num_splits);
   check_cuda(sd::make_plan(p, static_cast<int>(device_index), &plan, static_cast<int>(num_splits)),
              "plan");
-  return {plan.group_max, plan.num_head_chunks, plan.num_splits,
-          static_cast<int64_t>(plan.workspace_bytes)};
+  const int64_t counter_bytes = plan.num_splits > 1 ? static_cast<int64_t>(sd::kCounterBytes) : 0;
+  return {plan.group_max,
+          plan.num_head_chunks,
+          plan.num_splits,
+          static_cast<int64_t>(plan.workspace_bytes),
+          plan.merge_in_split ? 1 : 0,
+          counter_bytes};
 }

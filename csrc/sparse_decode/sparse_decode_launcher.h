@@ -23,8 +23,10 @@ int64_t sparse_paged_decode_workspace_size(int64_t max_num_rows, int64_t num_q_h
                                            int64_t block_size, int64_t max_kept,
                                            at::ScalarType dtype, int64_t device_index);
 
-// [group_max, num_head_chunks, num_splits, workspace_bytes] of one call
-// (num_splits > 0: the plan with that split-K factor, capped).
+// [group_max, num_head_chunks, num_splits, workspace_bytes, merge_in_split,
+// counter_bytes] of one call (num_splits > 0: the plan with that split-K
+// factor, capped). counter_bytes: the workspace's leading arrival counters,
+// which must be zero before a workspace's first call.
 std::vector<int64_t> sparse_paged_decode_plan(int64_t num_rows, int64_t num_q_heads,
                                               int64_t num_kv_heads, int64_t head_dim,
                                               int64_t block_size, int64_t max_kept,

@@ -25,6 +25,9 @@ struct Params {
   // Split-K workspace (unused when num_splits == 1).
   float* partial_out;  // [num_splits, N, Hq, D], normalised per split
   float* partial_lse;  // [num_splits, N, Hq], log2 domain
+  // [N, Hkv, num_head_chunks] arrival counts, zero between launches (each
+  // launch resets the ones it counted), or nullptr: merge in a second kernel.
+  int* merge_counters;
 
   int64_t query_stride_row, query_stride_head;
   int64_t out_stride_row, out_stride_head;

@@ -2,8 +2,9 @@
 indexed torch reference on the same GPU tensors.
 
 Every call first poisons out / lse with NaN, so an element the kernel fails to
-write shows up. Cases cover both kernel paths (one split writing out directly,
-and split-K with the merge kernel), empty splits, more kept segments than the
+write shows up. Cases cover the kernel paths (one split writing out directly,
+split-K merged by the last split to finish, split-K with the merge kernel),
+empty splits, more kept segments than the
 kernel's segment table holds, the FlashAttention cache view, CUDA graphs.
 """
 
@@ -134,6 +135,42 @@ def test_any_split_count_matches_reference(gen, splits):
     cap = min(256, width, -(-width * 16 // 64))  # at least 64 kept tokens a split
     assert num_splits(args[0], args[1], args[5], asked=splits) == min(splits, cap)
     check(*args, num_splits=splits)
+
+
+def test_last_split_merge_reuses_one_workspace(gen):
+    """The last split of a (row, KV head) to arrive merges the partials and
+    resets its arrival counter: calls of other row counts and split counts on
+    one workspace (one started as garbage) stay exact, and every call leaves
+    the counters zero."""
+    cases = [
+        inputs_and_slots(gen, LENS, 2, 4, 128, 16, torch.bfloat16),
+        inputs_and_slots(gen, LENS * 3, 8, 4, 128, 16, torch.bfloat16),
+        inputs_and_slots(gen, LENS[:2], 4, 8, 64, 32, torch.float16),
+    ]
+    asks = [0, 2, 3, 16]
+    plans = [plan_of(a[0], a[1], a[5], asked) for a in cases for asked in asks]
+    assert all(plan["merge_in_split"] for plan in plans if plan["num_splits"] > 1)
+    assert sum(plan["num_splits"] > 1 for plan in plans) >= 6
+    counter_bytes = max(plan["counter_bytes"] for plan in plans)
+    need = max(plan["workspace_bytes"] for plan in plans)
+    workspace = torch.full((need,), 0xFF, dtype=torch.uint8, device=DEVICE)
+    for _ in range(3):
+        for args in cases:
+            for asked in asks:
+                check(*args, workspace=workspace, num_splits=asked)
+                torch.cuda.synchronize()
+                assert (workspace[:counter_bytes] == 0).all(), (asked, args[0].shape)
+
+
+def test_merge_kernel_beyond_the_counters(gen):
+    """Forced splits over more (row, KV head) units than the workspace has
+    counters: the partials are merged by the second kernel."""
+    lens = [int(n) for n in torch.randint(1, 120, (520,), generator=gen)]
+    args = inputs_and_slots(gen, lens, 8, 4, 128, 16, torch.bfloat16, fraction=0.7)
+    plan = plan_of(args[0], args[1], args[5], asked=2)
+    assert plan["num_splits"] == 2 and not plan["merge_in_split"]
+    assert plan_of(args[0][:100], args[1], args[5][:100], asked=2)["merge_in_split"]
+    check(*args, num_splits=2)
 
 
 def test_split_count_out_of_range_is_refused(gen):

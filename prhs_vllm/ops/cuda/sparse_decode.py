@@ -5,12 +5,18 @@
 The op allocates nothing: besides ``out`` and ``lse`` it takes a split-K
 workspace. For CUDA graphs, size one with ``alloc_workspace`` for the largest
 batch before capture and pass it on every call.
+
+A workspace starts with arrival counters (the last split of a KV head to finish
+merges the others' partials). They must be zero before its first call, and
+every call leaves them zero: ``alloc_workspace`` returns them zeroed, and a
+workspace this module has not seen is zeroed on its first call.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import weakref
 
 import torch
 
@@ -84,12 +90,12 @@ def alloc_workspace(
     dtype: torch.dtype,
     device: torch.device | str | int,
 ) -> torch.Tensor:
-    """A uint8 workspace of workspace_size(...) bytes on `device`."""
+    """A zero-filled uint8 workspace of workspace_size(...) bytes on `device`."""
     size = workspace_size(
         max_num_rows, num_q_heads, num_kv_heads, head_dim, block_size, max_kept, dtype, device
     )
     index = _device_index(device)
-    return torch.empty(size, dtype=torch.uint8, device=torch.device("cuda", index))
+    return _zeroed_workspace(size, torch.device("cuda", index))
 
 
 def split_plan(
@@ -104,9 +110,11 @@ def split_plan(
     num_splits: int = 0,
 ) -> dict[str, int]:
     """How one call is cut up: query heads per CTA, CTAs per KV head group,
-    split-K factor and workspace bytes (num_splits > 0: the plan that asks for
-    that split-K factor, as ``sparse_paged_decode_indexed`` takes it)."""
-    group_max, head_chunks, splits, nbytes = _plan(
+    split-K factor, workspace bytes, whether the last split merges the
+    partials (else a second kernel does) and the bytes of the workspace's
+    leading arrival counters (num_splits > 0: the plan that asks for that
+    split-K factor, as ``sparse_paged_decode_indexed`` takes it)."""
+    group_max, head_chunks, splits, nbytes, merge_in_split, counter_bytes = _plan(
         num_rows,
         num_q_heads,
         num_kv_heads,
@@ -122,6 +130,8 @@ def split_plan(
         "head_chunks": head_chunks,
         "num_splits": splits,
         "workspace_bytes": nbytes,
+        "merge_in_split": bool(merge_in_split),
+        "counter_bytes": counter_bytes,
     }
 
 
@@ -333,7 +343,7 @@ def check_workspace(workspace: torch.Tensor, device: torch.device, need: int) ->
         _fail(f"workspace must be {_ALIGN}-byte aligned (data_ptr {workspace.data_ptr():#x})")
 
 
-def _workspace_bytes(query, key_cache, kept_slots, num_splits: int = 0) -> int:
+def _call_plan(query, key_cache, kept_slots, num_splits: int = 0) -> dict[str, int]:
     num_rows, num_q_heads, head_dim = query.shape
     return split_plan(
         num_rows,
@@ -345,10 +355,39 @@ def _workspace_bytes(query, key_cache, kept_slots, num_splits: int = 0) -> int:
         query.dtype,
         query.device,
         num_splits,
-    )["workspace_bytes"]
+    )
 
 
 _workspaces: dict[torch.device, torch.Tensor] = {}
+# id(workspace) -> weak reference, for workspaces whose counters are known to
+# be zero: zero-filled here, or zeroed on their first call outside capture.
+_counted_workspaces: dict[int, weakref.ref] = {}
+
+
+def _remember_zeroed(workspace: torch.Tensor) -> None:
+    key = id(workspace)
+    _counted_workspaces[key] = weakref.ref(
+        workspace, lambda _, key=key: _counted_workspaces.pop(key, None)
+    )
+
+
+def _zeroed_workspace(nbytes: int, device: torch.device) -> torch.Tensor:
+    workspace = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+    _remember_zeroed(workspace)
+    return workspace
+
+
+def _zero_counters_once(workspace: torch.Tensor, counter_bytes: int) -> None:
+    """Zeroes the arrival counters of a workspace this module has not seen
+    (a caller's torch.empty). Inside graph capture the zeroing is captured too,
+    and repeats on every replay, since the capture itself runs nothing."""
+    ref = _counted_workspaces.get(id(workspace))
+    if ref is not None and ref() is workspace:
+        return
+    workspace.view(torch.uint8).view(-1)[:counter_bytes].zero_()
+    on_kernel_device = workspace.device.type == _KERNEL_DEVICE_TYPE
+    if not (on_kernel_device and torch.cuda.is_current_stream_capturing()):
+        _remember_zeroed(workspace)
 
 
 def _shared_workspace(device: torch.device, need: int) -> torch.Tensor:
@@ -360,7 +399,7 @@ def _shared_workspace(device: torch.device, need: int) -> torch.Tensor:
                 "sparse_paged_decode needs a larger workspace during CUDA graph capture: "
                 "pass workspace=alloc_workspace(max_num_rows, ...) allocated before capture"
             )
-        workspace = torch.empty(need, dtype=torch.uint8, device=device)
+        workspace = _zeroed_workspace(need, device)
         _workspaces[device] = workspace
     return workspace
 
@@ -413,7 +452,8 @@ def sparse_paged_decode_indexed(
     )
     if not 0 <= num_splits <= _MAX_SPLITS:
         _fail(f"num_splits must be in [0, {_MAX_SPLITS}], got {num_splits}")
-    need = _workspace_bytes(query, key_cache, kept_slots, num_splits)
+    plan = _call_plan(query, key_cache, kept_slots, num_splits)
+    need = plan["workspace_bytes"]
     if workspace is not None:
         check_workspace(workspace, query.device, need)
     ops = _ops()
@@ -424,6 +464,8 @@ def sparse_paged_decode_indexed(
         lse = torch.empty((num_rows, num_q_heads), dtype=torch.float32, device=query.device)
     if workspace is None:
         workspace = _shared_workspace(query.device, need)
+    if plan["merge_in_split"]:
+        _zero_counters_once(workspace, plan["counter_bytes"])
     ops.sparse_paged_decode(
         query,
         key_cache,
