@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (vLLM 0.26.0 staged): the phases named on the command line,
-# results in $OUT. Phases: setup, tests, ops, ops-int8, ab-attention, sweep, sweep-scoring,
-# sweep-splits, profile,
+# results in $OUT. Phases: setup, tests, ops, ops-int8, ab-attention, bucket-rows, sweep,
+# sweep-scoring, sweep-splits, profile,
 # e2e, e2e-16, e2e-int8, fallback, fallback-ab, fallback-cpu, fallback-stacks, fallback-bisect,
 # graphs.
 #   bash benchmarks/gpu_run.sh setup tests ops
@@ -48,6 +48,15 @@ for phase in "$@"; do
       for run in 1 2; do
         (cd "$base" && python3 "${attn[@]}" --out "$out/attn_before_run$run.json" 2>&1 | grep prhs_sparse)
         python3 "${attn[@]}" --out "$out/attn_after_run$run.json" 2>&1 | grep prhs_sparse
+      done ;;
+    bucket-rows)  # 12 rows alone against 12 active rows in the step graphs' 16-row bucket
+      # (the bucket's plan, and the 12-row plan's split count forced); not yet run
+      attn=(python3 benchmarks/ops_sparse_decode.py --contexts 32768 --budgets 16 8 --no-dense
+        --replays 50)
+      for pad in "" --pad-slots; do
+        "${attn[@]}" --batches 12 $pad --out "$out/rows12${pad:+_padded}.json" 2>&1 | grep prhs_sparse
+        "${attn[@]}" --batches 16 --active-rows 12 --splits 0 5 6 $pad \
+          --out "$out/bucket16_active12${pad:+_padded}.json" 2>&1 | grep prhs_sparse
       done ;;
     sweep-scoring)  # scoring alone, both summary formats, live context vs the 2560-slot bucket
       timeout 300 python3 benchmarks/kernel_sweep.py --batch 12 --kernels scoring --shapes 32832:2560 \

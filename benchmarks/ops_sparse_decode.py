@@ -62,6 +62,13 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="also print each CUDA kernel's mean time per call (torch profiler)",
     )
+    parser.add_argument(
+        "--active-rows",
+        type=int,
+        default=None,
+        help="only the first N rows keep pages (the others keep none), as when the step "
+        "graphs run N rows in a larger row bucket; bytes count the active rows",
+    )
     parser.add_argument("--replays", type=int, default=30)
     parser.add_argument("--ceiling-tbs", type=float, default=3.04, help="copy ceiling, TB/s")
     parser.add_argument("--no-dense", action="store_true", help="skip FlashAttention-3")
@@ -172,12 +179,15 @@ def bench_sparse(
     splits: int = 0,
     pad: bool = False,
     profile: bool = False,
+    active_rows: int | None = None,
 ) -> dict:
     kept = max(1, shape.pages_per_row // budget)
     width = shape.pages_per_row if pad else kept
-    nbytes = shape.batch * NUM_KV_HEADS * kept * BLOCK_SIZE * HEAD_DIM * 2 * ELEMENT_BYTES
+    active = shape.batch if active_rows is None else min(active_rows, shape.batch)
+    nbytes = active * NUM_KV_HEADS * kept * BLOCK_SIZE * HEAD_DIM * 2 * ELEMENT_BYTES
     num_calls = calls_for(nbytes, l2_bytes)
     num_kept = torch.full((shape.batch, NUM_KV_HEADS), kept, dtype=torch.int32, device="cuda")
+    num_kept[active:] = 0
     plan = cuda_ops.split_plan(
         shape.batch, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, width, DTYPE, "cuda",
         splits,
@@ -210,6 +220,7 @@ def bench_sparse(
         "kernel": "prhs_sparse",
         "budget": f"1/{budget}",
         "kept_pages": kept,
+        "active_rows": active,
         "slots_width": width,
         "splits_asked": splits,
         "num_splits": plan["num_splits"],
@@ -291,6 +302,7 @@ def main() -> None:
                             splits=splits,
                             pad=args.pad_slots,
                             profile=args.kernel_times,
+                            active_rows=args.active_rows,
                         )  # fmt: skip
                     )
             dense_ms = results[0]["time_ms"] if flash_attn is not None else None
