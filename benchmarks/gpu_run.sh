@@ -11,6 +11,8 @@ out=${OUT:-/tmp/prhs-out}; mkdir -p "$out"
 # Decode timed from cached prefixes (see e2e_decode.py): tighter than the
 # difference of two 15 s prefills that sessions 1-4 reported.
 e2e=(python3 benchmarks/e2e_decode.py --batch 12 --output-len 64 --cached-prefix)
+# The attention alone at 32K, both budgets (ab-attention, bucket-rows).
+attn=(benchmarks/ops_sparse_decode.py --contexts 32768 --budgets 16 8 --no-dense --replays 50)
 for phase in "$@"; do
   echo "== $phase $(date +%T)"
   case $phase in
@@ -43,19 +45,18 @@ for phase in "$@"; do
       # The system gcc, as gpu_setup.sh builds (C++ exceptions must raise).
       (cd "$base" && CC=/usr/bin/gcc CXX=/usr/bin/g++ python3 setup.py -q build_ext --inplace \
         > "$out/ab_base_build.txt" 2>&1)
-      attn=(benchmarks/ops_sparse_decode.py --batches 12 16 32 --contexts 32768 --budgets 16 8
-        --no-dense --replays 50)
       for run in 1 2; do
-        (cd "$base" && python3 "${attn[@]}" --out "$out/attn_before_run$run.json" 2>&1 | grep prhs_sparse)
-        python3 "${attn[@]}" --out "$out/attn_after_run$run.json" 2>&1 | grep prhs_sparse
+        (cd "$base" && python3 "${attn[@]}" --batches 12 16 32 --out "$out/attn_before_run$run.json" \
+          2>&1 | grep prhs_sparse)
+        python3 "${attn[@]}" --batches 12 16 32 --out "$out/attn_after_run$run.json" 2>&1 \
+          | grep prhs_sparse
       done ;;
     bucket-rows)  # 12 rows alone against 12 active rows in the step graphs' 16-row bucket
       # (the bucket's plan, and the 12-row plan's split count forced); not yet run
-      attn=(python3 benchmarks/ops_sparse_decode.py --contexts 32768 --budgets 16 8 --no-dense
-        --replays 50)
       for pad in "" --pad-slots; do
-        "${attn[@]}" --batches 12 $pad --out "$out/rows12${pad:+_padded}.json" 2>&1 | grep prhs_sparse
-        "${attn[@]}" --batches 16 --active-rows 12 --splits 0 5 6 $pad \
+        python3 "${attn[@]}" --batches 12 $pad --out "$out/rows12${pad:+_padded}.json" 2>&1 \
+          | grep prhs_sparse
+        python3 "${attn[@]}" --batches 16 --active-rows 12 --splits 0 5 6 $pad \
           --out "$out/bucket16_active12${pad:+_padded}.json" 2>&1 | grep prhs_sparse
       done ;;
     sweep-scoring)  # scoring alone, both summary formats, live context vs the 2560-slot bucket

@@ -192,7 +192,7 @@ def bench_sparse(
         shape.batch, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, width, DTYPE, "cuda",
         splits,
     )  # fmt: skip
-    workspace = torch.zeros(plan["workspace_bytes"], dtype=torch.uint8, device="cuda")
+    workspace = torch.empty(plan["workspace_bytes"], dtype=torch.uint8, device="cuda")
     out = torch.empty_like(shape.query)
     lse = torch.empty(shape.batch, NUM_Q_HEADS, device="cuda")
     scale = HEAD_DIM**-0.5
