@@ -170,6 +170,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backend", choices=["dense", "prhs"], required=True)
     parser.add_argument("--config", default=None, help="prhs YAML config (default: built-in)")
     parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="vLLM's max_num_seqs (default: --batch). vLLM captures full decode graphs "
+        "only for sizes up to it, so at --batch 12 the steps run piecewise unless it is 16",
+    )
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--enforce-eager", action="store_true")
@@ -213,6 +220,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.backend == "dense" and (args.config or args.set):
         parser.error("--config and --set configure prhs; they do nothing with --backend dense")
+    if args.max_num_seqs is not None and args.max_num_seqs < args.batch:
+        parser.error(f"--max-num-seqs {args.max_num_seqs} is below --batch {args.batch}")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     return args
@@ -232,7 +241,7 @@ def main() -> None:
     kwargs = dict(
         model=model,
         max_model_len=args.context + args.output_len + 8,
-        max_num_seqs=args.batch,
+        max_num_seqs=args.max_num_seqs or args.batch,
         # Profiling re-uses the prompts' cached prefixes so the profile holds decode only.
         enable_prefix_caching=bool(args.profile or args.cached_prefix),
         gpu_memory_utilization=args.gpu_memory_utilization,
@@ -304,6 +313,7 @@ def main() -> None:
         "overrides": dict(args.set),
         "in_process": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0",
         "batch": args.batch,
+        "max_num_seqs": args.max_num_seqs or args.batch,
         "context": args.context,
         "output_len": args.output_len,
         "cached_prefix": bool(args.cached_prefix or args.profile),

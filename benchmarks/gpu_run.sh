@@ -3,7 +3,7 @@
 # results in $OUT. Phases: setup, tests, ops, ops-int8, ab-attention, bucket-rows, sweep,
 # sweep-scoring, sweep-splits, profile,
 # e2e, e2e-16, e2e-int8, fallback, fallback-ab, fallback-cpu, fallback-stacks, fallback-bisect,
-# graphs.
+# graphs, e2e-full:dense|full|piecewise, e2e-full-compare.
 #   bash benchmarks/gpu_run.sh setup tests ops
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -143,6 +143,33 @@ runs = [json.loads(line) for line in open(sys.argv[1])][-2:]
 print("b8 fallback: prhs tokens == dense tokens:", runs[0]["first_tokens"] == runs[1]["first_tokens"])
 crossing = [json.loads(line) for line in open(sys.argv[2])][-1]
 print("b8 crossing: sparse layers per token:", crossing.get("sparse_layers_per_token"))
+EOF
+      ;;
+    e2e-full:*)  # e2e-full:dense|full|piecewise, 12 x 32K in-process, int8 centroids at 1/16,
+      # max_num_seqs 16 so that vLLM captures a full decode graph the 12 rows fit (E2E_SEQS
+      # overrides; E2E_EXTRA adds e2e_decode.py arguments, e.g. "--batch 4"):
+      # full = vLLM's full graphs hold the sparse step (full_graph_max_rows 64),
+      # piecewise = the sparse step between piecewise graphs (0, the default)
+      int8=(--backend prhs --config configs/int8.yaml --set budget=0.0625)
+      case ${phase#e2e-full:} in
+        dense) args=(--backend dense) ;;
+        full) args=("${int8[@]}" --set full_graph_max_rows=64) ;;
+        piecewise) args=("${int8[@]}" --set full_graph_max_rows=0) ;;
+        *) echo "unknown run ${phase#e2e-full:}"; exit 2 ;;
+      esac
+      read -ra extra <<< "${E2E_EXTRA:-}"  # e.g. E2E_EXTRA="--batch 4"
+      "${e2e[@]}" "${args[@]}" --context 32768 --gpu-memory-utilization 0.95 --in-process \
+        --repeats 3 --max-num-seqs "${E2E_SEQS:-16}" "${extra[@]}" \
+        --out "$out/e2e_full_graphs.jsonl" 2>&1 | grep '^{' | cut -c1-300 ;;
+    e2e-full-compare)  # the e2e-full runs: tok/s, and whether greedy tokens equal the first run's
+      python3 - "$out/e2e_full_graphs.jsonl" <<'EOF'
+import json, sys
+runs = [json.loads(line) for line in open(sys.argv[1])]
+for r in runs:
+    same = r["first_tokens"] == runs[0]["first_tokens"]
+    print(r["backend"], r.get("overrides"), r["batch"], r.get("max_num_seqs"), r["decode_tok_per_s"],
+          r.get("decode_tok_per_s_runs"), r.get("host_cpu_ms_per_step"),
+          "tokens == first run's:", same)
 EOF
       ;;
     *) echo "unknown phase $phase"; exit 2 ;;

@@ -250,18 +250,20 @@ def cpu_attn_isa(dtype: Any, block_size: int, head_size: int, kv_cache_dtype: st
     return _get_attn_isa(dtype, block_size, head_size, kv_cache_dtype)
 
 
-def keep_sparse_steps_off_full_graphs(step_has_sparse_rows) -> bool:
-    """Let vLLM replay its full CUDA graphs for dense steps only. Returns whether
-    the guard is in place (False: the builder must declare NEVER).
+def keep_sparse_steps_off_full_graphs(graph_cannot_run) -> bool:
+    """Let vLLM replay a full CUDA graph for a step with sparse rows only where
+    the graph holds the sparse step. Returns whether the guard is in place
+    (False: the builder must declare NEVER).
 
-    Why: a full graph captured by vLLM holds the attention of a dense step;
-    replayed for a step with sparse rows it would run them dense, silently.
+    Why: a full graph captured by vLLM without the sparse step holds the
+    attention of a dense step; replayed for a step with sparse rows it would
+    run them dense, silently.
     With attention out of vLLM's graphs altogether (NEVER), every decode step
     pays for eager attention between piecewise graphs, dense ones too. How
     (0.26, model runner v2): ``execute_model`` is wrapped to hand the step's
     scheduler output to its graph manager, and the manager's ``dispatch``,
     which picks the graph from the batch shape alone, is wrapped to skip FULL
-    candidates when ``step_has_sparse_rows(runner, scheduler_output)`` says so
+    candidates when ``graph_cannot_run(runner, scheduler_output, desc)`` says so
     (the step then runs piecewise, or eager, as under NEVER). Dummy runs
     (capture, profiling) are left alone. Remove when: vLLM lets a backend
     veto full graphs per step.
@@ -293,7 +295,7 @@ def keep_sparse_steps_off_full_graphs(step_has_sparse_rows) -> bool:
         return False
     GPUModelRunner.execute_model = handing_step_to_graph_manager(run_model)
     manager_cls.dispatch = full_graphs_for_dense_steps(
-        dispatch, step_has_sparse_rows, CUDAGraphMode, cudagraph_utils
+        dispatch, graph_cannot_run, CUDAGraphMode, cudagraph_utils
     )
     return True
 
@@ -321,17 +323,18 @@ def handing_step_to_graph_manager(run_model):
     return execute_model
 
 
-def full_graphs_for_dense_steps(dispatch, step_has_sparse_rows, graph_modes, utils):
-    """The graph manager's ``dispatch``, with FULL candidates skipped for a step
-    that has sparse rows: the first compatible other candidate (piecewise), or
-    eager. ``graph_modes``: vLLM's CUDAGraphMode; ``utils``: the module with
-    ``_is_compatible`` and ``BatchExecutionDescriptor``."""
+def full_graphs_for_dense_steps(dispatch, graph_cannot_run, graph_modes, utils):
+    """The graph manager's ``dispatch``, with its FULL pick skipped where
+    ``graph_cannot_run(runner, scheduler_output, desc)``: the first compatible
+    other candidate (piecewise), or eager. ``graph_modes``: vLLM's
+    CUDAGraphMode; ``utils``: the module with ``_is_compatible`` and
+    ``BatchExecutionDescriptor``."""
 
     @functools.wraps(dispatch)
     def guarded(self, num_reqs, num_tokens, uniform_token_count, num_active_loras):
         desc = dispatch(self, num_reqs, num_tokens, uniform_token_count, num_active_loras)
         step = getattr(self, "_prhs_step", None)
-        if desc.cg_mode != graph_modes.FULL or step is None or not step_has_sparse_rows(*step):
+        if desc.cg_mode != graph_modes.FULL or step is None or not graph_cannot_run(*step, desc):
             return desc
         loras = self._resolve_effective_loras(num_active_loras)
         for candidate in self._candidates.get((num_tokens, loras), ()):

@@ -190,10 +190,11 @@ class PrhsConfig(BaseModel):
             "min/max boxes, 12 D bytes per page and KV head (19% of a 16-token bf16 page). "
             "`int8` / `int4`: codes inside the page's min/max box (stored in bfloat16, "
             "rounded outward), 5 D / 4.5 D bytes (7.8% / 7.0%); certified bounds then use "
-            "the box alone. Counted against the KV budget either way. On CUDA the int8 / "
-            "int4 update is one Triton kernel per layer (at batch 12 x 32K on an H100 with "
-            "util 0.90, where float32 summaries do not fit, int8 decoded 459 tok/s against "
-            "dense 502)."
+            "the box alone. Counted against the KV budget either way. On CUDA the int8 "
+            "update and its scoring are csrc kernels (the update fused into the KV cache "
+            "write), int4 Triton kernels. At batch 12 x 32K with a 1/16 budget on an H100, "
+            "int8 decodes faster than float32 (684 vs 595 tok/s, dense 525; "
+            "`benchmarks/results/h100-session8/`)."
         ),
     )
     """Centroid storage: float32 sums, or int8 / int4 codes in the page's box."""
@@ -358,6 +359,22 @@ class PrhsConfig(BaseModel):
     )
     """Capture the sparse decode step in CUDA graphs (CUDA only)."""
 
+    full_graph_max_rows: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        strict=True,
+        description=(
+            "Experimental, CUDA with cuda_graphs on: vLLM's full CUDA graphs of decode "
+            "batches up to this many requests also hold the sparse step, so a decode step "
+            "with sparse rows replays one graph instead of launching attention layer by "
+            "layer; larger decode batches with sparse rows run piecewise. 0 = never (the "
+            "default: no end-to-end gain was measured yet; graph memory grows with it and "
+            "with max_model_len)."
+        ),
+    )
+    """Largest decode batch whose full CUDA graph holds the sparse step (0 = none)."""
+
     @field_validator("block_pages", mode="before")
     @classmethod
     def _block_pages_exact_int(cls, value: Any) -> Any:
@@ -391,7 +408,8 @@ class PrhsConfig(BaseModel):
             f"psaw_start_layer={self.psaw_start_layer} etf_start_layer={self.etf_start_layer} "
             f"reuse_tau={self.reuse_tau} audit={'on' if self.audit else 'off'} "
             f"metrics={'on' if self.metrics else 'off'} log_interval_s={self.log_interval_s:g} "
-            f"cuda_graphs={'on' if self.cuda_graphs else 'off'}"
+            f"cuda_graphs={'on' if self.cuda_graphs else 'off'} "
+            f"full_graph_max_rows={self.full_graph_max_rows}"
         )
 
 

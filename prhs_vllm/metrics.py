@@ -92,8 +92,8 @@ class StepStats:
     def __init__(self) -> None:
         self._host: dict[str, float] = {name: 0.0 for name in METRICS}
         self._device: Any = None  # torch tensor [len(_DEVICE_FIELDS)] float64
-        # Tensors like _device that CUDA graphs add their rows into on replay.
-        self._device_totals: list[Any] = []
+        # (tensor, field names): counters that CUDA graphs add into on replay.
+        self._device_totals: list[tuple[Any, tuple[str, ...]]] = []
         self._last_flush = 0.0
         self._last_log = time.monotonic()
         self._flush_interval = float(os.environ.get(FLUSH_INTERVAL_ENV, "1.0"))
@@ -126,17 +126,21 @@ class StepStats:
         self._host["prhs_sparse_layer_rows"] += rows
         self._host["prhs_head_selections"] += rows * num_kv_heads
 
-    def add_device_totals(self, totals) -> None:
-        """Counts the sums that device code accumulates into ``totals``
-        ([len(_DEVICE_FIELDS)] float64, zero at registration) from now on."""
-        self._device_totals.append(totals)
+    def add_device_totals(self, totals, fields: tuple[str, ...] | None = None) -> None:
+        """Counts the sums that device code accumulates into ``totals`` from now
+        on: [len(fields)] float64, zero at registration, one value per metric
+        name in ``fields`` (default: the ``layer_row_stats`` columns)."""
+        unknown = [name for name in fields or () if name not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric names {unknown}")
+        self._device_totals.append((totals, tuple(fields or _DEVICE_FIELDS)))
 
     def totals(self) -> dict[str, float]:
         """Current totals (reads device counters: a sync on GPU)."""
         totals = dict(self._host)
-        device = [] if self._device is None else [self._device]
-        for values in device + self._device_totals:
-            for name, value in zip(_DEVICE_FIELDS, values.tolist(), strict=False):
+        device = [] if self._device is None else [(self._device, _DEVICE_FIELDS)]
+        for values, fields in device + self._device_totals:
+            for name, value in zip(fields, values.tolist(), strict=True):
                 totals[name] += value
         return totals
 

@@ -654,6 +654,59 @@ def test_capture_metadata_is_dense_and_uncounted(base_configs, gen):
     assert prhs.builder.build(0, batch.common).sparse is not None  # the same batch, not captured
 
 
+def test_graph_rows_equal_the_host_planned_rows(base_configs, gen, monkeypatch):
+    """A step captured with its rows as device data (vLLM's full graphs,
+    backend/full_graph.py) and then run with the rows a later build writes
+    equals the host-planned step: sparse rows attend over the same pages,
+    the others keep the dense kernel's result, and the device counters count
+    the sparse rows. (vLLM's CPU kernel reads the full lengths here; the GPU
+    test runs FlashAttention with the sparse rows at length 0.)"""
+    from prhs_vllm.backend import common
+
+    monkeypatch.setattr(common, "sparse_full_graphs", lambda vllm_config: True)
+    monkeypatch.setattr(common, "dense_rows_metadata", lambda base, lens: base)
+    prhs = {**SPARSE, "min_context": 500, "full_graph_max_rows": 8}
+    config = with_prhs(base_configs[torch.float32], prhs)
+    config.scheduler_config.max_num_seqs = 8
+    host = Runner(PrhsCpuAttentionImpl, PrhsCpuAttentionMetadataBuilder, config, torch.float32)
+    stats_before = metrics.process_stats().totals()
+    graph = Runner(PrhsCpuAttentionImpl, PrhsCpuAttentionMetadataBuilder, config, torch.float32)
+    assert graph.builder._device_rows is not None
+    spec = Spec(
+        "decode", [[("a", 700), ("b", 300), ("c", 900)]] + [[("a", 1), ("b", 1), ("c", 1)]] * 3
+    )
+    graph_steps = sparse_seen = 0
+    for batch in Workload(spec, torch.float32, gen).batches():
+        want = host.step(batch)
+        if batch.common.max_query_len > 1:
+            graph.step(batch)
+            continue
+        captured = graph.builder.build_for_cudagraph_capture(batch.common)
+        assert captured.graph_rows is not None
+        graph.builder.build(0, batch.common)  # the replay's build writes the rows
+        graph.impl.do_kv_cache_update(
+            graph.layer, batch.key, batch.value, graph.kv_cache, batch.common.slot_mapping
+        )
+        got = torch.full_like(batch.query, float("nan"))
+        graph.impl.forward(
+            graph.layer, batch.query, batch.key, batch.value, graph.kv_cache, captured, got
+        )
+        graph_steps += 1
+        sparse = sparse_rows(batch, 500)
+        sparse_seen += len(sparse)
+        for row in batch.rows:
+            if row in sparse:
+                torch.testing.assert_close(rows_of(got, row), rows_of(want, row))
+            else:
+                assert torch.equal(rows_of(got, row), rows_of(want, row)), row.request
+    assert graph_steps == 3 and sparse_seen == 6  # a and c, three steps
+    totals = metrics.process_stats().totals()
+    # Both runners count into the process's stats: the host one as before, the
+    # graph one on the device; together twice the sparse rows.
+    assert totals["prhs_sparse_layer_rows"] - stats_before["prhs_sparse_layer_rows"] == 12
+    assert totals["prhs_head_selections"] == 12 * NUM_KV_HEADS
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_metrics_off_records_no_layer_stats(base_configs, dtype, gen):
     prhs = prhs_runner(base_configs, dtype, {**SPARSE, "metrics": False})

@@ -48,6 +48,7 @@ FIELDS = [
     "metrics",
     "log_interval_s",
     "cuda_graphs",
+    "full_graph_max_rows",
 ]
 
 
@@ -213,6 +214,9 @@ def test_unknown_key_rejected(tmp_path):
         ("metrics: maybe\n", "metrics", "valid boolean"),
         ("sink_tokens: 1.5\n", "sink_tokens", "valid integer"),
         ("budget: .nan\n", "budget", "finite number"),
+        ("full_graph_max_rows: -1\n", "full_graph_max_rows", "greater than or equal to 0"),
+        ("full_graph_max_rows: 2000\n", "full_graph_max_rows", "less than or equal to 1024"),
+        ("full_graph_max_rows: 8.0\n", "full_graph_max_rows", "valid integer"),
     ],
 )
 def test_out_of_range_rejected(tmp_path, yaml_text, field, expected):

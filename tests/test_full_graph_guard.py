@@ -1,7 +1,8 @@
-"""vLLM's full CUDA graphs replay dense steps only: the graph-dispatch guard
-(`_compat.full_graphs_for_dense_steps`, `handing_step_to_graph_manager`), the
-predicate it asks (`step_has_sparse_rows` over `_compat.step_contexts`), and
-the graph support the builder declares."""
+"""vLLM's full CUDA graphs replay a step with sparse rows only where they hold
+the sparse step: the graph-dispatch guard (`_compat.full_graphs_for_dense_steps`,
+`handing_step_to_graph_manager`), the predicate it asks (`full_graph_cannot_run`:
+`graph_holds_sparse_step`, `step_has_sparse_rows` over `_compat.step_contexts`),
+and the graph support the builder declares."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ from vllm.v1.attention.backend import AttentionCGSupport
 
 from prhs_vllm import _compat
 from prhs_vllm.backend import common
-from prhs_vllm.backend.common import PrhsBuilderMixin, sparse_row_mask, step_has_sparse_rows
+from prhs_vllm.backend.common import (
+    PrhsBuilderMixin,
+    full_graph_cannot_run,
+    graph_holds_sparse_step,
+    sparse_row_mask,
+    step_has_sparse_rows,
+)
 
 
 def test_sparse_row_mask_takes_long_single_token_decodes():
@@ -103,18 +110,26 @@ class FakeManager:
         return num_active_loras
 
 
-def guarded_manager(candidates, sparse: bool):
+def guarded_manager(candidates, sparse: bool, asked=None):
     manager = FakeManager(candidates)
+
+    def cannot_run(runner, out, desc):
+        if asked is not None:
+            asked.append((runner, out, desc))
+        return sparse
+
     guard = _compat.full_graphs_for_dense_steps(
-        FakeManager.dispatch, lambda runner, out: sparse, CUDAGraphMode, UTILS
+        FakeManager.dispatch, cannot_run, CUDAGraphMode, UTILS
     )
     return manager, lambda: guard(manager, 6, 6, 1, 0)
 
 
 def test_dispatch_keeps_full_graphs_for_dense_steps():
-    manager, dispatch = guarded_manager([FULL8, PIECEWISE8], sparse=False)
+    asked = []
+    manager, dispatch = guarded_manager([FULL8, PIECEWISE8], sparse=False, asked=asked)
     manager._prhs_step = ("runner", "out")
     assert dispatch() == FULL8
+    assert asked == [("runner", "out", FULL8)]  # the predicate sees the graph picked
 
 
 def test_dispatch_skips_full_graphs_for_sparse_steps():
@@ -150,7 +165,7 @@ def test_execute_model_hands_the_step_over_and_takes_it_back():
 def test_guard_is_installed_only_on_the_version_read():
     # This machine's vLLM (CPU 0.32) has another runner: no guard, NEVER below.
     assert _compat.vllm_version() != (0, 26)
-    assert not _compat.keep_sparse_steps_off_full_graphs(step_has_sparse_rows)
+    assert not _compat.keep_sparse_steps_off_full_graphs(full_graph_cannot_run)
 
 
 class _AlwaysBase:
@@ -163,11 +178,58 @@ class _Builder(PrhsBuilderMixin, _AlwaysBase):
     pass
 
 
-def engine(v2=True, speculative=None, dp=1, pp=1):
+def engine(v2=True, speculative=None, dp=1, pp=1, full=True, **prhs):
+    # 64 rows unless asked; a field given as None keeps its default
+    prhs = {k: v for k, v in {"full_graph_max_rows": 64, **prhs}.items() if v is not None}
     parallel = types.SimpleNamespace(data_parallel_size=dp, pipeline_parallel_size=pp)
+    mode = CUDAGraphMode.FULL_AND_PIECEWISE if full else CUDAGraphMode.PIECEWISE
     return types.SimpleNamespace(
-        use_v2_model_runner=v2, speculative_config=speculative, parallel_config=parallel
-    )
+        use_v2_model_runner=v2, speculative_config=speculative, parallel_config=parallel,
+        compilation_config=types.SimpleNamespace(cudagraph_mode=mode),
+        additional_config={"prhs": prhs}, attention_config=types.SimpleNamespace(backend="PRHS"),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("config", "num_reqs", "single_token", "holds"),
+    [
+        (engine(), 64, True, True),
+        (engine(), 1, True, True),
+        (engine(), 65, True, False),  # beyond full_graph_max_rows (64)
+        (engine(full_graph_max_rows=None), 1, True, False),  # the default: off
+        (engine(), 8, False, False),  # a graph of mixed batches
+        (engine(full_graph_max_rows=8), 16, True, False),
+        (engine(full_graph_max_rows=0), 1, True, False),
+        (engine(cuda_graphs=False), 8, True, False),
+        (engine(audit=True), 8, True, False),
+        (engine(reuse_tau=0.9), 8, True, False),
+        (engine(full=False), 8, True, False),  # vLLM captures no full graphs
+        (engine(speculative=object()), 8, True, False),  # no guard for a drafter
+        (engine(v2=False), 8, True, False),
+    ],
+)
+def test_graph_holds_sparse_step(monkeypatch, config, num_reqs, single_token, holds):
+    monkeypatch.setattr(common, "_DISPATCH_GUARDED", True)
+    assert graph_holds_sparse_step(config, num_reqs, single_token) is holds
+
+
+@pytest.mark.parametrize(
+    ("graph", "scheduled", "cannot"),
+    [
+        (FULL8, {"a": 1}, False),  # a decode graph of 8 rows holds the sparse step
+        (Desc(CUDAGraphMode.FULL, 8, 8, None), {"a": 1}, True),  # a mixed-batch graph
+        (Desc(CUDAGraphMode.FULL, 128, 128, 1), {"a": 1}, True),  # beyond 64 rows
+        (Desc(CUDAGraphMode.FULL, 128, 128, 1), {"b": 1}, False),  # no sparse row
+    ],
+)
+def test_full_graph_cannot_run(monkeypatch, graph, scheduled, cannot):
+    monkeypatch.setattr(common, "_DISPATCH_GUARDED", True)
+    runner = fake_runner({"a": 9000, "b": 10})
+    runner.vllm_config = engine()
+    runner.vllm_config.additional_config = {
+        "prhs": {"min_context": 2048, "full_graph_max_rows": 64}
+    }
+    assert full_graph_cannot_run(runner, step(**scheduled), graph) is cannot
 
 
 @pytest.mark.parametrize(

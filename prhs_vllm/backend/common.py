@@ -19,6 +19,13 @@ import torch
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 
 from prhs_vllm import LOGGER_NAME, _compat, metrics, ops
+from prhs_vllm.backend.full_graph import (
+    DeviceRowBuffers,
+    DeviceRows,
+    count_rows,
+    dense_rows_metadata,
+    keep_path_outputs,
+)
 from prhs_vllm.backend.reuse import ReuseConfig, ReuseState
 from prhs_vllm.backend.step import StepGraphs, sparse_step
 from prhs_vllm.config import PrhsConfig, PrhsConfigError, depth_fraction, resolve_config
@@ -52,6 +59,7 @@ class SparseRows:
     seq_lens: [S] int32 context lengths; block_table: [S, >=max_pages] page ids.
     max_pages: pages of the longest sparse row (host int: no device sync).
     all_sparse: no other rows in the step, so the dense kernel is skipped.
+    host_mask: [R] bool host, which of the step's R requests run sparse.
     """
 
     token_idx: torch.Tensor
@@ -59,6 +67,7 @@ class SparseRows:
     block_table: torch.Tensor
     max_pages: int
     all_sparse: bool
+    host_mask: torch.Tensor
 
 
 @dataclass
@@ -68,11 +77,17 @@ class PrhsMetadata:
 
     last_keep: (layer index, [S, Hkv, M] keep) of the latest sparse layer of
     this step, for ETF (layers run in order within a step).
+    dense_rows_base: ``base`` with the sparse rows at length 0, which a sparse
+        layer runs vLLM's kernel with for the step's other rows (None: ``base``).
+    graph_rows: set when vLLM captures a full graph that holds the sparse
+        step: the rows as device data (``full_graph``), decided per replay.
     """
 
     base: Any
     sparse: SparseRows | None
     last_keep: tuple[int, torch.Tensor] | None = None
+    dense_rows_base: Any = None
+    graph_rows: DeviceRows | None = None
 
 
 def sparse_row_mask(query_lens: torch.Tensor, seq_lens: torch.Tensor, min_context: int):
@@ -118,6 +133,7 @@ def plan_sparse_rows(
             block_table=common.block_table_tensor[:num_reqs],
             max_pages=max_pages,
             all_sparse=True,
+            host_mask=sparse,
         )
     req_idx = sparse.nonzero().squeeze(1)
     rows = _to_device(torch.stack([req_idx, qsl[req_idx].to(req_idx.dtype)]), common.seq_lens)
@@ -127,6 +143,7 @@ def plan_sparse_rows(
         block_table=common.block_table_tensor[rows[0]],
         max_pages=max_pages,
         all_sparse=False,
+        host_mask=sparse,
     )
 
 
@@ -147,6 +164,48 @@ def step_has_sparse_rows(runner: Any, scheduler_output: Any) -> bool:
         return False
     query_lens, seq_lens = _compat.step_contexts(runner, scheduler_output)
     return bool(sparse_row_mask(query_lens, seq_lens, config_for(config).min_context).any())
+
+
+def full_graph_cannot_run(runner: Any, scheduler_output: Any, graph: Any) -> bool:
+    """Whether vLLM's full graph ``graph`` (a BatchExecutionDescriptor) would
+    run a sparse row of this step dense: the step has one, and the graph holds
+    no sparse step (``graph_holds_sparse_step``)."""
+    single_token = getattr(graph, "uniform_token_count", None) == 1
+    num_reqs = getattr(graph, "num_reqs", None) or 0
+    if graph_holds_sparse_step(runner.vllm_config, num_reqs, single_token):
+        return False
+    return step_has_sparse_rows(runner, scheduler_output)
+
+
+def sparse_full_graphs(vllm_config: Any) -> bool:
+    """Whether vLLM's full graphs of small decode batches hold the sparse step:
+    vLLM captures full graphs, the dispatch guard is in place
+    (``full_graphs_dense_only``), and the config allows it (``cuda_graphs``,
+    ``full_graph_max_rows`` > 0; not with ``audit``, whose dense work is for
+    measurement, nor with time reuse, whose state a padded row must not touch)."""
+    cfg = config_for(vllm_config)
+    compilation = getattr(vllm_config, "compilation_config", None)
+    mode = getattr(compilation, "cudagraph_mode", None)
+    return bool(
+        cfg.cuda_graphs
+        and cfg.full_graph_max_rows > 0
+        and not cfg.audit
+        and cfg.reuse_tau is None
+        and mode is not None
+        and mode.has_full_cudagraphs()
+        and full_graphs_dense_only(vllm_config)
+    )
+
+
+def graph_holds_sparse_step(vllm_config: Any, num_reqs: int, single_token_rows: bool) -> bool:
+    """Whether vLLM's full graph of ``num_reqs`` requests holds the sparse step:
+    a graph of one-token rows (uniform decode) of at most
+    ``full_graph_max_rows`` requests, where ``sparse_full_graphs`` allows it."""
+    if not single_token_rows or num_reqs < 1:
+        return False
+    if num_reqs > config_for(vllm_config).full_graph_max_rows:
+        return False
+    return sparse_full_graphs(vllm_config)
 
 
 class PageSummaries:
@@ -236,10 +295,20 @@ class PrhsBuilderMixin:
         self.prhs_stats = metrics.process_stats()
         self._capturing = False
         self._exact_lens = getattr(vllm_config, "speculative_config", None) is not None
+        self._vllm_config = vllm_config
+        self._device_rows: DeviceRowBuffers | None = None
+        if sparse_full_graphs(vllm_config):
+            max_rows = max(
+                vllm_config.scheduler_config.max_num_seqs,
+                vllm_config.compilation_config.max_cudagraph_capture_size or 0,
+            )
+            self._device_rows = DeviceRowBuffers(max_rows, device, self.prhs_config.metrics)
 
     def build_for_cudagraph_capture(self, common_attn_metadata):
-        """The metadata vLLM captures a full graph with: every row dense (a
-        step with sparse rows never replays it), and no step counted."""
+        """The metadata vLLM captures a full graph with, no step counted:
+        with the sparse step and its rows as device data where
+        ``graph_holds_sparse_step``, else every row dense (a step with sparse
+        rows never replays it: the dispatch guard)."""
         self._capturing = True
         try:
             return super().build_for_cudagraph_capture(common_attn_metadata)
@@ -247,23 +316,46 @@ class PrhsBuilderMixin:
             self._capturing = False
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
-        base = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        common = common_attn_metadata
+        base = super().build(common_prefix_len, common, fast_build)
         if self._capturing:
-            return PrhsMetadata(base=base, sparse=None)
+            meta = PrhsMetadata(base=base, sparse=None)
+            single_token = common.max_query_len == 1
+            if self._device_rows is not None and graph_holds_sparse_step(
+                self._vllm_config, common.num_reqs, single_token
+            ):
+                rows = self._device_rows.write(common.seq_lens, common.block_table_tensor, None)
+                meta.graph_rows = rows
+                meta.dense_rows_base = dense_rows_metadata(base, rows.dense_lens)
+            return meta
         if self.prhs_config.metrics:
             # Before this step is counted: the stats file then holds whole steps
             # (their layers' rows included), never a step planned but not yet run.
             self.prhs_stats.maybe_flush()
         sparse = plan_sparse_rows(
-            common_attn_metadata, self.prhs_config, self.prhs_stats,
+            common, self.prhs_config, self.prhs_stats,
             self.kv_cache_spec.block_size, exact_lens=self._exact_lens,
         )  # fmt: skip
-        return PrhsMetadata(base=base, sparse=sparse)
+        meta = PrhsMetadata(base=base, sparse=sparse)
+        if (
+            self._device_rows is not None
+            and common.num_reqs <= self.prhs_config.full_graph_max_rows
+            and common_prefix_len == 0
+        ):
+            # This step may replay a full graph that holds the sparse step: it
+            # reads the rows from these buffers.
+            rows = self._device_rows.write(
+                common.seq_lens, common.block_table_tensor,
+                None if sparse is None else sparse.host_mask,
+            )  # fmt: skip
+            if sparse is not None:
+                meta.dense_rows_base = dense_rows_metadata(base, rows.dense_lens)
+        return meta
 
 
 # vLLM's model runner dispatches steps with sparse rows around its full graphs
 # (where the installed version allows it: see _compat).
-_DISPATCH_GUARDED = _compat.keep_sparse_steps_off_full_graphs(step_has_sparse_rows)
+_DISPATCH_GUARDED = _compat.keep_sparse_steps_off_full_graphs(full_graph_cannot_run)
 
 
 def full_graphs_dense_only(vllm_config: Any) -> bool:
@@ -274,11 +366,28 @@ def full_graphs_dense_only(vllm_config: Any) -> bool:
     parallel = getattr(vllm_config, "parallel_config", None)
     return bool(
         _DISPATCH_GUARDED
-        and getattr(vllm_config, "use_v2_model_runner", False)
+        and _uses_v2_runner(vllm_config)
         and getattr(vllm_config, "speculative_config", None) is None
         and getattr(parallel, "data_parallel_size", 1) == 1
         and getattr(parallel, "pipeline_parallel_size", 1) == 1
     )
+
+
+# id(vllm_config) -> (the config, kept so that its id is not reused; the answer)
+_V2_RUNNER: dict[int, tuple[Any, bool]] = {}
+
+
+def _uses_v2_runner(vllm_config: Any) -> bool:
+    """vLLM's ``use_v2_model_runner``, read once per config: the property scans
+    the installed packages' entry points (~20 ms on the H100 machine), and the
+    dispatch guard asks on every step."""
+    known = _V2_RUNNER.get(id(vllm_config))
+    if known is None or known[0] is not vllm_config:
+        known = _V2_RUNNER[id(vllm_config)] = (
+            vllm_config,
+            bool(getattr(vllm_config, "use_v2_model_runner", False)),
+        )
+    return known[1]
 
 
 def dense_reason(impl: Any, kv_cache_dtype: str) -> str | None:
@@ -422,18 +531,23 @@ class PrhsImplMixin:
             return super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs
             )
-        sparse = attn_metadata.sparse
-        if sparse is None or not self._layer_is_sparse(layer):
+        meta = attn_metadata
+        sparse = meta.sparse
+        dense_layer = not self._layer_is_sparse(layer)
+        if dense_layer or (sparse is None and meta.graph_rows is None):
             return super().forward(
-                layer, query, key, value, kv_cache, attn_metadata.base, output, *args, **kwargs
+                layer, query, key, value, kv_cache, meta.base, output, *args, **kwargs
             )
-        if not sparse.all_sparse:
+        if meta.graph_rows is not None or not sparse.all_sparse:
             # Rows that stay dense (prefill, short decodes) run vLLM's kernel over
-            # the whole batch; the sparse rows' dense results are overwritten below.
-            super().forward(
-                layer, query, key, value, kv_cache, attn_metadata.base, output, *args, **kwargs
-            )
-        self._forward_sparse(query, kv_cache, attn_metadata, output)
+            # the whole batch, the sparse rows at length 0 where the builder
+            # wrote them so; the sparse rows' results are overwritten below.
+            rows_base = meta.base if meta.dense_rows_base is None else meta.dense_rows_base
+            super().forward(layer, query, key, value, kv_cache, rows_base, output, *args, **kwargs)
+        if meta.graph_rows is not None:
+            self._forward_graph_rows(query, kv_cache, meta, output)
+        else:
+            self._forward_sparse(query, kv_cache, meta, output)
         return output
 
     def _selection_params(self, block_size: int) -> SelectionParams:
@@ -461,10 +575,7 @@ class PrhsImplMixin:
         index = slice(0, rows.seq_lens.shape[0]) if rows.all_sparse else rows.token_idx
         q = query.view(query.shape[0], self.num_heads, self.head_size)[index]
         params = self._selection_params(key_cache.shape[2])
-        prev_keep = None
-        if params.frozen_fraction > 0 and meta.last_keep is not None:
-            if meta.last_keep[0] == self._layer_index - 1:
-                prev_keep = meta.last_keep[1]
+        prev_keep = self._prev_keep(params, meta)
         args = (q, summaries, key_cache, value_cache, rows.block_table, rows.seq_lens, params)
         if q.is_cuda and cfg.cuda_graphs and not cfg.audit:
             result = self._step_graphs.run(
@@ -485,6 +596,40 @@ class PrhsImplMixin:
             self.prhs_stats.record_rows(
                 result.row_stats, self.num_kv_heads, audited=result.true_dropped is not None
             )
+
+    def _prev_keep(self, params: SelectionParams, meta: PrhsMetadata) -> torch.Tensor | None:
+        """ETF: the previous layer's keep, where this layer freezes pages and
+        the previous layer ran sparse in this step."""
+        if params.frozen_fraction > 0 and meta.last_keep is not None:
+            if meta.last_keep[0] == self._layer_index - 1:
+                return meta.last_keep[1]
+        return None
+
+    def _forward_graph_rows(
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: PrhsMetadata,
+        output: torch.Tensor,
+    ) -> None:
+        """The sparse step over every row of a step captured in vLLM's full
+        graph (``full_graph``): which rows keep its output is device data."""
+        rows = meta.graph_rows
+        num_rows = rows.sparse.shape[0]
+        key_cache, value_cache = self.split_kv_cache(kv_cache)
+        q = query.view(query.shape[0], self.num_heads, self.head_size)[:num_rows]
+        params = self._selection_params(key_cache.shape[2])
+        workspace = StepGraphs.shared_workspace(q, key_cache, rows.num_slots)
+        result = sparse_step(
+            q, self._page_summaries(kv_cache), key_cache, value_cache, rows.block_table,
+            rows.sparse_lens, params, rows.num_slots, self.prhs_config.metrics, workspace,
+            prev_keep=self._prev_keep(params, meta),
+        )  # fmt: skip
+        meta.last_keep = (self._layer_index, result.keep)
+        keep_path_outputs(
+            output.view(output.shape[0], self.num_heads, self.head_size), result.out, rows
+        )
+        count_rows(rows, result.row_stats, self.num_kv_heads)
 
 
 def _num_layers(vllm_config: Any) -> int:

@@ -321,7 +321,7 @@ class StepGraphs:
     def _capture(
         self, entry, summaries, key_cache, value_cache, params, slots, with_metrics, reuse
     ):
-        workspace = self._workspace(entry.query, key_cache, slots)
+        workspace = self.shared_workspace(entry.query, key_cache, slots)
         inputs = entry.inputs
 
         def step(count: bool) -> StepResult:
@@ -355,7 +355,7 @@ class StepGraphs:
         return cls._row_inputs[key]
 
     @classmethod
-    def _workspace(cls, query, key_cache, slots) -> torch.Tensor | None:
+    def shared_workspace(cls, query, key_cache, slots) -> torch.Tensor | None:
         """Split-K workspace per bucket, shared by the layers (they run in turn)."""
         if not ops.cuda_kernels_ready():
             return None
