@@ -280,25 +280,37 @@ def layer_row_stats(
     """
     import torch
 
-    scored = torch.ones_like(est_kept_mass, dtype=torch.bool) if reused is None else ~reused
-    zeros = torch.zeros_like(est_kept_mass)
-    if true_dropped is None:
-        audit = [zeros, zeros, zeros]
+    num_rows, num_heads = est_kept_mass.shape
+    # One float32 [N, Hkv, K] table written column by column and one float64
+    # reduction: a launch or two per column instead of a conversion and a
+    # reduction each (the counts are exact in float32 below 2**24).
+    table = torch.zeros(
+        (num_rows, num_heads, len(_DEVICE_FIELDS)), dtype=torch.float32,
+        device=est_kept_mass.device,
+    )  # fmt: skip
+    column = {name: table[..., i] for i, name in enumerate(_DEVICE_FIELDS)}
+    est_dropped = column["prhs_est_dropped_mass_sum"]
+    certified = column["prhs_certified_dropped_mass_sum"]
+    column["prhs_pages_kept"].copy_(keep_counts)
+    column["prhs_context_pages"].copy_(num_pages[:, None])
+    torch.clamp(1.0 - est_kept_mass, min=0, out=est_dropped)
+    certified.copy_(certified_dropped)
+    scored = None
+    if reused is None:
+        column["prhs_scored_selections"].fill_(1)
     else:
+        scored = ~reused
+        est_dropped.mul_(scored)
+        certified.mul_(scored)
+        column["prhs_reused_selections"].copy_(reused)
+        column["prhs_scored_selections"].copy_(scored)
+    if true_dropped is not None:
         # 1e-4: float32 rounding of masses near 1, not a real violation. A reused
         # selection has no bound to violate.
-        audit = [
-            true_dropped,
-            (true_dropped > delta).to(torch.float32),
-            ((certified_dropped < true_dropped - 1e-4) & scored).to(torch.float32),
-        ]
-    columns = [
-        keep_counts,
-        num_pages[:, None].expand_as(keep_counts) * 1.0,
-        (1.0 - est_kept_mass).clamp(min=0) * scored,
-        certified_dropped * scored,
-        *audit,
-        ~scored,
-        scored,
-    ]
-    return torch.stack([c.to(torch.float64).sum(-1) for c in columns], dim=-1)
+        violated = certified_dropped < true_dropped - 1e-4
+        if scored is not None:
+            violated &= scored
+        column["prhs_audit_true_dropped_mass_sum"].copy_(true_dropped)
+        column["prhs_audit_over_delta"].copy_(true_dropped > delta)
+        column["prhs_audit_bound_violations"].copy_(violated)
+    return table.sum(1, dtype=torch.float64)

@@ -78,7 +78,7 @@ def common_metadata(query_lens, seq_lens):
 
 def builder(monkeypatch, **prhs) -> _Builder:
     monkeypatch.setattr(common, "_DISPATCH_GUARDED", True)
-    spec = types.SimpleNamespace(block_size=16)
+    spec = types.SimpleNamespace(block_size=16, num_kv_heads=8)
     return _Builder(spec, ["model.layers.0.self_attn.attn"], engine(**prhs), "cpu")
 
 
@@ -116,6 +116,8 @@ def test_each_step_writes_the_host_decision(monkeypatch):
     assert buffers.sparse_lens[:4].tolist() == [500, 1, 100, 1]
     assert buffers.dense_lens[:4].tolist() == [0, 50, 0, 0]
     assert buffers.row_weight[:4].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert buffers.dense[:4].tolist() == [False, True, False, True]
+    assert buffers.layer_counts.tolist() == [2.0, 16.0]  # rows, rows x 8 KV heads
     assert meta.dense_rows_base.seq_lens.tolist() == [0, 50, 0, 0]
     assert meta.base.seq_lens.tolist() == [500, 50, 100, 0]  # vLLM's, for dense layers
     # A later dense step leaves no sparse row behind in the buffers.
@@ -139,13 +141,13 @@ def test_no_buffers_where_graphs_hold_no_sparse_step(monkeypatch, prhs):
 
 
 def test_row_buffers_refuse_more_rows_than_they_hold():
-    buffers = DeviceRowBuffers(2, torch.device("cpu"), with_metrics=False)
+    buffers = DeviceRowBuffers(2, 8, torch.device("cpu"), with_metrics=False)
     with pytest.raises(ValueError, match="3 rows, but the row buffers hold 2"):
         buffers.write(torch.ones(3, dtype=torch.int32), torch.zeros(3, 4), None)
 
 
 def test_each_row_keeps_the_output_of_its_path():
-    buffers = DeviceRowBuffers(8, torch.device("cpu"), with_metrics=False)
+    buffers = DeviceRowBuffers(8, 8, torch.device("cpu"), with_metrics=False)
     rows = buffers.write(
         torch.tensor([300, 7, 900], dtype=torch.int32), torch.zeros(3, 4, dtype=torch.int32),
         torch.tensor([True, False, True]),
@@ -168,15 +170,15 @@ def test_dense_rows_metadata_replaces_only_lengths_and_schedule():
 def test_device_counters_take_sparse_rows_only(monkeypatch):
     stats = metrics.StepStats()
     monkeypatch.setattr(metrics, "process_stats", lambda: stats)
-    buffers = DeviceRowBuffers(4, torch.device("cpu"), with_metrics=True)
+    buffers = DeviceRowBuffers(4, 8, torch.device("cpu"), with_metrics=True)
     rows = buffers.write(
         torch.tensor([300, 7, 900], dtype=torch.int32), torch.zeros(3, 4, dtype=torch.int32),
         torch.tensor([True, False, True]),
     )  # fmt: skip
     row_stats = torch.arange(3 * metrics.num_device_fields(), dtype=torch.float64).view(3, -1)
     row_stats[1] = float("nan")  # a dense row's stats over a page never written
-    count_rows(rows, row_stats, num_kv_heads=8)
-    count_rows(rows, row_stats, num_kv_heads=8)  # two layers
+    count_rows(rows, row_stats)
+    count_rows(rows, row_stats)  # two layers
     totals = stats.totals()
     assert totals["prhs_sparse_layer_rows"] == 4  # 2 rows x 2 layers
     assert totals["prhs_head_selections"] == 32

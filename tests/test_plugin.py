@@ -243,6 +243,61 @@ def test_device_totals_added_by_graphs_are_counted():
     assert counted.totals()["prhs_pages_kept"] == 10
 
 
+def stats_column_by_column(
+    keep_counts, num_pages, est_kept_mass, certified_dropped, true_dropped, delta, reused
+):  # fmt: skip
+    """``layer_row_stats`` as first written: each column converted to float64
+    and reduced on its own (the reference for the one-table version)."""
+    scored = torch.ones_like(est_kept_mass, dtype=torch.bool) if reused is None else ~reused
+    zeros = torch.zeros_like(est_kept_mass)
+    audit = [zeros, zeros, zeros]
+    if true_dropped is not None:
+        audit = [
+            true_dropped,
+            (true_dropped > delta).to(torch.float32),
+            ((certified_dropped < true_dropped - 1e-4) & scored).to(torch.float32),
+        ]
+    columns = [
+        keep_counts,
+        num_pages[:, None].expand_as(keep_counts) * 1.0,
+        (1.0 - est_kept_mass).clamp(min=0) * scored,
+        certified_dropped * scored,
+        *audit,
+        ~scored,
+        scored,
+    ]
+    return torch.stack([c.to(torch.float64).sum(-1) for c in columns], dim=-1)
+
+
+@pytest.mark.parametrize("audit", [False, True], ids=["no-audit", "audit"])
+@pytest.mark.parametrize("reuse", [False, True], ids=["no-reuse", "reuse"])
+def test_layer_row_stats_equal_the_column_by_column_sums(audit, reuse):
+    gen = torch.Generator().manual_seed(int(audit) * 2 + int(reuse))
+    rows, heads = 7, 8
+    num_pages = torch.randint(1, 5000, (rows,), generator=gen).to(torch.int32)
+    keep_counts = torch.randint(0, 300, (rows, heads), generator=gen)
+    est = torch.rand(rows, heads, generator=gen) * 1.05  # some above 1: clamped
+    certified = torch.rand(rows, heads, generator=gen)
+    true = torch.rand(rows, heads, generator=gen) if audit else None
+    reused = torch.rand(rows, heads, generator=gen) < 0.4 if reuse else None
+    args = (keep_counts, num_pages, est, certified, true, 0.3, reused)
+    got = metrics.layer_row_stats(*args)
+    assert got.dtype == torch.float64 and got.shape == (rows, metrics.num_device_fields())
+    torch.testing.assert_close(got, stats_column_by_column(*args), rtol=1e-6, atol=1e-6)
+
+
+def test_add_row_stats_weighs_the_rows():
+    """The step graphs' one-launch add: padded rows (weight 0) add nothing."""
+    from prhs_vllm.backend.step import add_row_stats
+
+    gen = torch.Generator().manual_seed(5)
+    row_stats = torch.rand(6, metrics.num_device_fields(), generator=gen, dtype=torch.float64)
+    weight = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    totals = torch.full((metrics.num_device_fields(),), 2.0, dtype=torch.float64)
+    add_row_stats(totals, row_stats, weight)
+    torch.testing.assert_close(totals, 2.0 + row_stats[[0, 1, 3]].sum(0))
+
+
 def test_unsupported_vllm_version_skips_registration_without_breaking_vllm(monkeypatch, caplog):
     import prhs_vllm.plugin as plugin
     from prhs_vllm import _compat

@@ -302,7 +302,9 @@ class PrhsBuilderMixin:
                 vllm_config.scheduler_config.max_num_seqs,
                 vllm_config.compilation_config.max_cudagraph_capture_size or 0,
             )
-            self._device_rows = DeviceRowBuffers(max_rows, device, self.prhs_config.metrics)
+            self._device_rows = DeviceRowBuffers(
+                max_rows, kv_cache_spec.num_kv_heads, device, self.prhs_config.metrics
+            )
 
     def build_for_cudagraph_capture(self, common_attn_metadata):
         """The metadata vLLM captures a full graph with, no step counted:
@@ -629,7 +631,7 @@ class PrhsImplMixin:
         keep_path_outputs(
             output.view(output.shape[0], self.num_heads, self.head_size), result.out, rows
         )
-        count_rows(rows, result.row_stats, self.num_kv_heads)
+        count_rows(rows, result.row_stats)
 
 
 def _num_layers(vllm_config: Any) -> int:

@@ -32,17 +32,19 @@ ROW_COUNT_FIELDS = ("prhs_sparse_layer_rows", "prhs_head_selections")
 class DeviceRows:
     """One step's rows as device data (R rows: the step's, padding included).
 
-    sparse: [R] bool, the rows that run sparse.
+    sparse: [R] bool, the rows that run sparse; dense: [R] bool, the others.
     sparse_lens: [R] int32, the context length where sparse, else 1.
     dense_lens: [R] int32, 0 where sparse, else the context length.
     row_weight: [R] float64, 1 where sparse (weights of the device counters).
     block_table: [R, M] page ids; num_slots: M, the page slots the sparse
         step scores (every page of ``max_model_len``).
     totals, row_counts: device counters of ``metrics.layer_row_stats`` and of
-        ``ROW_COUNT_FIELDS`` (None without metrics).
+        ``ROW_COUNT_FIELDS`` (None without metrics); layer_counts: [2] float64,
+        what one layer adds to row_counts (sparse rows, times the KV heads).
     """
 
     sparse: torch.Tensor
+    dense: torch.Tensor
     sparse_lens: torch.Tensor
     dense_lens: torch.Tensor
     row_weight: torch.Tensor
@@ -50,17 +52,25 @@ class DeviceRows:
     num_slots: int
     totals: torch.Tensor | None
     row_counts: torch.Tensor | None
+    layer_counts: torch.Tensor
 
 
 class DeviceRowBuffers:
     """The builder's persistent row buffers: a captured graph holds their
     addresses, and every step writes them before it runs (or replays)."""
 
-    def __init__(self, max_rows: int, device: torch.device, with_metrics: bool) -> None:
+    def __init__(
+        self, max_rows: int, num_kv_heads: int, device: torch.device, with_metrics: bool
+    ) -> None:
         self.sparse = torch.zeros(max_rows, dtype=torch.bool, device=device)
+        self.dense = torch.ones(max_rows, dtype=torch.bool, device=device)
         self.sparse_lens = torch.ones(max_rows, dtype=torch.int32, device=device)
         self.dense_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
         self.row_weight = torch.zeros(max_rows, dtype=torch.float64, device=device)
+        # One layer's row counts, [sparse rows, sparse rows x KV heads]: from
+        # the per-row counts, once a step (not once a layer).
+        self._per_row = torch.tensor([1.0, num_kv_heads], dtype=torch.float64, device=device)
+        self.layer_counts = torch.zeros(len(ROW_COUNT_FIELDS), dtype=torch.float64, device=device)
         self.totals = self.row_counts = None
         if with_metrics:
             stats = metrics.process_stats()
@@ -101,10 +111,12 @@ class DeviceRowBuffers:
         dense_lens.copy_(seq_lens).masked_fill_(sparse, 0)
         # A sparse row's length (>= 1), the others' 1.
         torch.sub(seq_lens, dense_lens, out=sparse_lens).clamp_(min=1)
-        self.row_weight[:num_rows].copy_(sparse)
+        dense = torch.logical_not(sparse, out=self.dense[:num_rows])
+        row_weight = self.row_weight[:num_rows].copy_(sparse)
+        torch.mul(self._per_row, row_weight.sum(), out=self.layer_counts)
         return DeviceRows(
-            sparse, sparse_lens, dense_lens, self.row_weight[:num_rows], block_table,
-            block_table.shape[1], self.totals, self.row_counts,
+            sparse, dense, sparse_lens, dense_lens, row_weight, block_table,
+            block_table.shape[1], self.totals, self.row_counts, self.layer_counts,
         )  # fmt: skip
 
 
@@ -128,14 +140,12 @@ def keep_path_outputs(output: torch.Tensor, sparse_out: torch.Tensor, rows: Devi
     dense_out.copy_(torch.where(rows.sparse[:, None, None], sparse_out.to(output.dtype), dense_out))
 
 
-def count_rows(rows: DeviceRows, row_stats: torch.Tensor | None, num_kv_heads: int) -> None:
+def count_rows(rows: DeviceRows, row_stats: torch.Tensor | None) -> None:
     """Add one layer's sparse rows into the device counters (no host work at
     replay). row_stats: [R, K] ``metrics.layer_row_stats`` of every row."""
     if rows.totals is None or row_stats is None:
         return
     # masked_fill, not a product with the weights: a dense or padded row's
     # stats may be NaN (its length-1 "context" can be a page never written).
-    rows.totals.add_(row_stats.masked_fill(~rows.sparse[:, None], 0).sum(0))
-    num_sparse = rows.row_weight.sum()
-    rows.row_counts[0].add_(num_sparse)
-    rows.row_counts[1].add_(num_sparse * num_kv_heads)
+    rows.totals.add_(row_stats.masked_fill(rows.dense[:, None], 0).sum(0))
+    rows.row_counts.add_(rows.layer_counts)

@@ -26,7 +26,7 @@ SLOT_QUANTUM = 512  # page slots per context bucket (8K tokens at 16-token pages
 
 @dataclass
 class StepResult:
-    """out: [N, Hq, D]; keep: [N, Hkv, M] bool; keep_counts: [N, Hkv] pages kept;
+    """out: [N, Hq, D]; keep: [N, Hkv, M] bool; keep_counts: [N, Hkv] int pages kept;
     num_pages: [N]; est_kept_mass, certified_dropped, true_dropped: [N, Hkv]
     float32 (certified None without metrics, true None outside audit mode);
     reused: [N, Hkv] bool or None; row_stats: [N, K] float64
@@ -140,7 +140,8 @@ def sparse_step(
     true = None
     if audit:
         true = true_dropped_mass(query, key_cache, block_table, seq_lens, keep, params.scale)
-    counts = keep.sum(-1)
+    # The fused selection counted the kept pages already (no reduction over M).
+    counts = compact[1] if compact is not None and reuse is None else keep.sum(-1)
     row_stats = None
     if with_metrics:
         row_stats = metrics.layer_row_stats(
@@ -168,6 +169,12 @@ def _apply_reuse(state, cfg, query, block_table, seq_lens, params, selection, sl
     )
     est = torch.where(reused, (score * keep).sum(-1), selection.est_kept_mass)
     return keep, est
+
+
+def add_row_stats(totals: torch.Tensor, row_stats: torch.Tensor, weight: torch.Tensor) -> None:
+    """totals [K] += weight [N] @ row_stats [N, K] (float64): one launch, where
+    a product and a sum took three. Padded rows weigh 0."""
+    totals.addmv_(row_stats.t(), weight)
 
 
 def _fit(keep: torch.Tensor | None, slots: int) -> torch.Tensor | None:
@@ -331,8 +338,7 @@ class StepGraphs:
                 prev_keep=entry.prev_keep, reuse=reuse,
             )  # fmt: skip
             if count and with_metrics:
-                weighted = result.row_stats * inputs.row_weight[:, None]
-                inputs.totals().add_(weighted.sum(0))
+                add_row_stats(inputs.totals(), result.row_stats, inputs.row_weight)
             return result
 
         side = torch.cuda.Stream()

@@ -30,7 +30,7 @@ def test_one_graph_serves_every_row_decision(monkeypatch):
     rows, width = 8, 800  # width: every page of a 12800-token max_model_len
     stats = metrics.StepStats()
     monkeypatch.setattr(metrics, "process_stats", lambda: stats)
-    buffers = DeviceRowBuffers(16, torch.device("cuda"), with_metrics=True)
+    buffers = DeviceRowBuffers(16, HKV, torch.device("cuda"), with_metrics=True)
     # vLLM's persistent inputs, which the graph holds.
     query = torch.zeros(rows, HQ, D, device="cuda", dtype=torch.bfloat16)
     seq_lens = torch.zeros(rows, dtype=torch.int32, device="cuda")
@@ -47,7 +47,7 @@ def test_one_graph_serves_every_row_decision(monkeypatch):
             params, width, True, workspace,
         )  # fmt: skip
         keep_path_outputs(output, result.out, device_rows)
-        count_rows(device_rows, result.row_stats, HKV)
+        count_rows(device_rows, result.row_stats)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
