@@ -663,7 +663,7 @@ def test_graph_rows_equal_the_host_planned_rows(base_configs, gen, monkeypatch):
     test runs FlashAttention with the sparse rows at length 0.)"""
     from prhs_vllm.backend import common
 
-    monkeypatch.setattr(common, "sparse_full_graphs", lambda vllm_config: True)
+    monkeypatch.setattr(common, "full_graph_refusal", lambda vllm_config: None)
     monkeypatch.setattr(common, "dense_rows_metadata", lambda base, lens: base)
     prhs = {**SPARSE, "min_context": 500, "full_graph_max_rows": 8}
     config = with_prhs(base_configs[torch.float32], prhs)

@@ -51,7 +51,9 @@ class _Builder(PrhsBuilderMixin, _FlashBuilder):
 
 
 def engine(**prhs):
+    # 64 rows unless asked; a field given as None keeps its default
     prhs = {"min_context": MIN_CONTEXT, "metrics": True, "full_graph_max_rows": 64, **prhs}
+    prhs = {k: v for k, v in prhs.items() if v is not None}
     from vllm.config import CUDAGraphMode
 
     return types.SimpleNamespace(
@@ -138,6 +140,26 @@ def test_steps_beyond_the_graph_rows_are_not_written(monkeypatch):
 @pytest.mark.parametrize("prhs", [{"full_graph_max_rows": 0}, {"audit": True}])
 def test_no_buffers_where_graphs_hold_no_sparse_step(monkeypatch, prhs):
     assert builder(monkeypatch, **prhs)._device_rows is None
+
+
+@pytest.mark.parametrize(
+    ("prhs", "reason"),
+    [
+        ({"cuda_graphs": False}, "cuda_graphs is off"),
+        ({"audit": True}, "audit is on"),
+        ({"reuse_tau": 0.9}, "time reuse (reuse_tau) is on"),
+    ],
+)
+def test_a_refused_full_graph_setting_is_named(monkeypatch, caplog, prhs, reason):
+    with caplog.at_level("WARNING", logger="vllm.prhs"):
+        assert builder(monkeypatch, **prhs)._device_rows is None
+    assert f"full_graph_max_rows=64 is not used: {reason}" in caplog.text
+
+
+def test_the_default_is_off_and_quiet(monkeypatch, caplog):
+    with caplog.at_level("WARNING", logger="vllm.prhs"):
+        assert builder(monkeypatch, full_graph_max_rows=None)._device_rows is None
+    assert "full_graph_max_rows" not in caplog.text
 
 
 def test_row_buffers_refuse_more_rows_than_they_hold():

@@ -178,23 +178,36 @@ def full_graph_cannot_run(runner: Any, scheduler_output: Any, graph: Any) -> boo
 
 
 def sparse_full_graphs(vllm_config: Any) -> bool:
-    """Whether vLLM's full graphs of small decode batches hold the sparse step:
-    vLLM captures full graphs, the dispatch guard is in place
-    (``full_graphs_dense_only``), and the config allows it (``cuda_graphs``,
-    ``full_graph_max_rows`` > 0; not with ``audit``, whose dense work is for
-    measurement, nor with time reuse, whose state a padded row must not touch)."""
+    """Whether vLLM's full graphs of small decode batches hold the sparse step
+    (``full_graph_refusal`` finds no reason against it)."""
+    return full_graph_refusal(vllm_config) is None
+
+
+def full_graph_refusal(vllm_config: Any) -> str | None:
+    """Why vLLM's full graphs cannot hold the sparse step under this engine
+    (None: they do). Off in the config (``full_graph_max_rows`` 0); the sparse
+    step not in graphs at all (``cuda_graphs``); ``audit``, whose dense work is
+    for measurement; time reuse, whose state a padded row must not touch; vLLM
+    capturing no full graphs; or no dispatch guard (``full_graphs_dense_only``)."""
     cfg = config_for(vllm_config)
     compilation = getattr(vllm_config, "compilation_config", None)
     mode = getattr(compilation, "cudagraph_mode", None)
-    return bool(
-        cfg.cuda_graphs
-        and cfg.full_graph_max_rows > 0
-        and not cfg.audit
-        and cfg.reuse_tau is None
-        and mode is not None
-        and mode.has_full_cudagraphs()
-        and full_graphs_dense_only(vllm_config)
-    )
+    if cfg.full_graph_max_rows == 0:
+        return "full_graph_max_rows is 0"
+    if not cfg.cuda_graphs:
+        return "cuda_graphs is off"
+    if cfg.audit:
+        return "audit is on"
+    if cfg.reuse_tau is not None:
+        return "time reuse (reuse_tau) is on"
+    if mode is None or not mode.has_full_cudagraphs():
+        return f"vLLM captures no full CUDA graphs (cudagraph_mode {mode})"
+    if not full_graphs_dense_only(vllm_config):
+        return (
+            "vLLM's graph dispatch is not guarded here (it is on vLLM 0.26's model runner "
+            "v2 with one data-parallel and pipeline stage and no speculative decoding)"
+        )
+    return None
 
 
 def graph_holds_sparse_step(vllm_config: Any, num_reqs: int, single_token_rows: bool) -> bool:
@@ -297,7 +310,13 @@ class PrhsBuilderMixin:
         self._exact_lens = getattr(vllm_config, "speculative_config", None) is not None
         self._vllm_config = vllm_config
         self._device_rows: DeviceRowBuffers | None = None
-        if sparse_full_graphs(vllm_config):
+        refusal = full_graph_refusal(vllm_config)
+        if refusal is not None and self.prhs_config.full_graph_max_rows > 0:
+            logger.warning(
+                "prhs: full_graph_max_rows=%d is not used: %s; steps with sparse rows "
+                "run piecewise", self.prhs_config.full_graph_max_rows, refusal,
+            )  # fmt: skip
+        if refusal is None:
             max_rows = max(
                 vllm_config.scheduler_config.max_num_seqs,
                 vllm_config.compilation_config.max_cudagraph_capture_size or 0,
