@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (vLLM 0.26.0 staged): the phases named on the command line,
-# results in $OUT. Phases: setup, tests, ops, ops-int8, ab-attention, bucket-rows, sweep,
+# results in $OUT. Phases: setup, tests, ops, ops-int8, ab-attention, ab-e2e, bucket-rows, sweep,
 # sweep-scoring, sweep-splits, profile,
 # e2e, e2e-16, e2e-int8, fallback, fallback-ab, fallback-cpu, fallback-stacks, fallback-bisect,
 # graphs, e2e-full:dense|full|piecewise, e2e-full-compare.
@@ -13,6 +13,18 @@ out=${OUT:-/tmp/prhs-out}; mkdir -p "$out"
 e2e=(python3 benchmarks/e2e_decode.py --batch 12 --output-len 64 --cached-prefix)
 # The attention alone at 32K, both budgets (ab-attention, bucket-rows).
 attn=(benchmarks/ops_sparse_decode.py --contexts 32768 --budgets 16 8 --no-dense --replays 50)
+# A base tree built next to this one (ab-attention, ab-e2e): make it here first,
+# and carry it (ignored by git):
+#   git archive BASE csrc prhs_vllm setup.py pyproject.toml README.md > ab_base_tree.tar
+base=/tmp/ab-base
+build_base() {
+  [ -f "$base/.built" ] && return 0
+  rm -rf "$base"; mkdir -p "$base"
+  tar -xf ab_base_tree.tar -C "$base" && cp -r benchmarks "$base/"
+  # The system gcc, as gpu_setup.sh builds (C++ exceptions must raise).
+  (cd "$base" && CC=/usr/bin/gcc CXX=/usr/bin/g++ python3 setup.py -q build_ext --inplace \
+    > "$out/ab_base_build.txt" 2>&1) && touch "$base/.built"
+}
 for phase in "$@"; do
   echo "== $phase $(date +%T)"
   case $phase in
@@ -37,19 +49,26 @@ for phase in "$@"; do
       python3 benchmarks/ops_sparse_decode.py --batches 12 16 --contexts 32768 --budgets 16 \
         --splits 0 4 5 6 11 --pad-slots --no-dense \
         --out "$out/ops_sparse_decode_splits_padded.json" 2>&1 | tee "$out/ops_sparse_decode_splits_padded.txt" ;;
-    ab-attention)  # this tree's attention kernel against a base tree's, interleaved, same machine;
-      # make the base here first, and carry it (ignored by git):
-      #   git archive BASE csrc prhs_vllm setup.py pyproject.toml README.md > ab_base_tree.tar
-      base=/tmp/ab-base; rm -rf "$base"; mkdir -p "$base"
-      tar -xf ab_base_tree.tar -C "$base" && cp -r benchmarks "$base/"
-      # The system gcc, as gpu_setup.sh builds (C++ exceptions must raise).
-      (cd "$base" && CC=/usr/bin/gcc CXX=/usr/bin/g++ python3 setup.py -q build_ext --inplace \
-        > "$out/ab_base_build.txt" 2>&1)
+    ab-attention)  # this tree's attention kernel against a base tree's, interleaved, same machine
+      build_base
       for run in 1 2; do
         (cd "$base" && python3 "${attn[@]}" --batches 12 16 32 --out "$out/attn_before_run$run.json" \
           2>&1 | grep prhs_sparse)
         python3 "${attn[@]}" --batches 12 16 32 --out "$out/attn_after_run$run.json" 2>&1 \
           | grep prhs_sparse
+      done ;;
+    ab-e2e)  # 12 x 32K end to end, int8 at 1/16, in-process: the base tree's prhs against
+      # this tree's, interleaved twice on one machine (PYTHONPATH puts the base's
+      # prhs_vllm before the one gpu_setup.sh registered)
+      build_base
+      for run in 1 2; do
+        (cd "$base" && PYTHONPATH="$base" "${e2e[@]}" --backend prhs \
+          --config "$OLDPWD/configs/int8.yaml" --set budget=0.0625 --context 32768 \
+          --gpu-memory-utilization 0.95 --in-process --repeats 3 \
+          --out "$out/e2e_ab_before.jsonl" 2>&1 | grep '^{' | cut -c1-240)
+        "${e2e[@]}" --backend prhs --config configs/int8.yaml --set budget=0.0625 \
+          --context 32768 --gpu-memory-utilization 0.95 --in-process --repeats 3 \
+          --out "$out/e2e_ab_after.jsonl" 2>&1 | grep '^{' | cut -c1-240
       done ;;
     bucket-rows)  # 12 rows alone against 12 active rows in the step graphs' 16-row bucket
       # (the bucket's plan, and the 12-row plan's split count forced); not yet run
