@@ -362,7 +362,8 @@ class StepGraphs:
 
     @classmethod
     def shared_workspace(cls, query, key_cache, slots) -> torch.Tensor | None:
-        """Split-K workspace per bucket, shared by the layers (they run in turn)."""
+        """Split-K workspace per (rows, slots) shape, shared by the layers (they
+        run in turn): the step graphs' buckets, and vLLM's full graphs."""
         if not ops.cuda_kernels_ready():
             return None
         from prhs_vllm.ops.cuda import sparse_decode as cuda_ops
