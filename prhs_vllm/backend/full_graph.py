@@ -123,14 +123,14 @@ class DeviceRowBuffers:
 def dense_rows_metadata(base: Any, dense_lens: torch.Tensor) -> Any:
     """vLLM's FlashAttention metadata with the sparse rows at length 0, for the
     dense rows of a sparse layer. The ahead-of-time schedule was made for the
-    full lengths, so it is dropped: the kernel then schedules itself. One
-    split: the rows left are prefills and contexts below ``min_context``; with
-    vLLM's split count for graphs (32) the kernel took ~15 us a sparse layer
-    on an H100 with no row left to attend (12 sparse rows and 4 padded ones in
-    a 16-row graph; benchmarks/results/h100-session11/)."""
+    full lengths, so it is dropped: the kernel then runs the same scheduling
+    step itself, on these lengths. vLLM's split count is kept, so a step with
+    no sparse row computes what vLLM's own graph does. The price: with every
+    row sparse, the kernel still took ~15 us a sparse layer at vLLM's 32
+    splits for graphs on an H100 (benchmarks/results/h100-session11/)."""
     import dataclasses
 
-    return dataclasses.replace(base, seq_lens=dense_lens, scheduler_metadata=None, max_num_splits=1)
+    return dataclasses.replace(base, seq_lens=dense_lens, scheduler_metadata=None)
 
 
 def keep_path_outputs(output: torch.Tensor, sparse_out: torch.Tensor, rows: DeviceRows) -> None:

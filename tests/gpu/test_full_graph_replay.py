@@ -120,7 +120,7 @@ def _dense_reference(q, key_cache, value_cache, table, lens):
     return out
 
 
-@pytest.mark.parametrize("num_splits", [1, 32])  # 1: the dense rows' metadata; 32: vLLM's
+@pytest.mark.parametrize("num_splits", [1, 32])  # 32: vLLM's for graphs, which the rows keep
 def test_flash_attention_with_sparse_rows_at_length_zero(num_splits):
     fa = pytest.importorskip("vllm.vllm_flash_attn")
     gen = torch.Generator(device="cuda").manual_seed(3)
