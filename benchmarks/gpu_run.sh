@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (vLLM 0.26.0 staged): the phases named on the command line,
 # results in $OUT. Phases: setup, tests, ops, ops-int8, ab-attention, ab-e2e, bucket-rows, sweep,
-# sweep-scoring, sweep-splits, profile,
+# sweep-scoring, sweep-search, sweep-splits, profile,
 # e2e, e2e-16, e2e-int8, fallback, fallback-ab, fallback-cpu, fallback-stacks, fallback-bisect,
 # graphs, e2e-full:dense|full|piecewise, e2e-full-compare.
 #   bash benchmarks/gpu_run.sh setup tests ops
@@ -78,6 +78,12 @@ for phase in "$@"; do
         python3 "${attn[@]}" --batches 16 --active-rows 12 --splits 0 5 6 $pad \
           --out "$out/bucket16_active12${pad:+_padded}.json" 2>&1 | grep prhs_sparse
       done ;;
+    sweep-search)  # selection's threshold search: bisection (31 rounds) against 4- to 16-ary
+      # (16, 11, 8 rounds) at the engine's shapes, int8 logits; not yet run
+      timeout 420 python3 benchmarks/kernel_sweep.py --batch 12 16 --kernels selection \
+        --shapes 32832:2560 32832:2053 --search 2 4 8 16 --warps 4 8 16 \
+        --centroid-dtypes int8 --out "$out/kernel_sweep_search.jsonl" > /dev/null 2>&1
+      wc -l "$out/kernel_sweep_search.jsonl" ;;
     sweep-scoring)  # scoring alone, both summary formats, live context vs the 2560-slot bucket
       timeout 300 python3 benchmarks/kernel_sweep.py --batch 12 --kernels scoring --shapes 32832:2560 \
         --centroid-dtypes float32 int8 --out "$out/kernel_sweep_scoring.jsonl" > /dev/null 2>&1

@@ -52,6 +52,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[12, 16])
     parser.add_argument("--warps", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument(
+        "--search", type=int, nargs="+", default=[2],
+        help="selection's threshold-search arities (powers of 2; 2 = bisection, the default)",
+    )  # fmt: skip
+    parser.add_argument(
         "--shapes", nargs="+", default=["32768:2048", "32832:2560"], help="context:slots"
     )
     parser.add_argument("--replays", type=int, default=30)
@@ -100,15 +104,15 @@ def main() -> None:
             query, k_sum, k_min, k_max, table, seq, BLOCK_SIZE, scale, slots,
             block_m=16, num_warps=4,
         )  # fmt: skip
-        for delta, bound, estimator, warps in itertools.product(
-            (0.0, 0.05), (False, True), ("hybrid", "centroid"), args.warps
+        for delta, bound, estimator, warps, search in itertools.product(
+            (0.0, 0.05), (False, True), ("hybrid", "centroid"), args.warps, args.search
         ):
             params = SelectionParams(
                 block_size=BLOCK_SIZE, scale=scale, budget=1 / 16, delta=delta,
                 sink_tokens=64, local_tokens=256, estimator=estimator,
             )  # fmt: skip
             selection = functools.partial(
-                _select_compact, logits, seq, params, with_bound=bound, search=2,
+                _select_compact, logits, seq, params, with_bound=bound, search=search,
                 num_warps=warps,
             )  # fmt: skip
             try:
@@ -116,7 +120,8 @@ def main() -> None:
             except Exception as exc:  # a launch the kernel cannot take (registers)
                 ms = f"{type(exc).__name__}: {str(exc)[:120]}"
             emit({**base, "kernel": "selection", "delta": delta, "with_bound": bound,
-                  "estimator": estimator, "warps": warps, "ms": ms})  # fmt: skip
+                  "estimator": estimator, "warps": warps, "search": search,
+                  "ms": ms})  # fmt: skip
 
 
 if __name__ == "__main__":

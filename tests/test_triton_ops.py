@@ -691,6 +691,14 @@ def test_select_compact_16ary_search(gen, case, ties):
 
 
 @interpreted
+@pytest.mark.parametrize("case", ["delta", "tiny-budget"])
+def test_select_compact_4ary_search(gen, case):
+    """4 thresholds a round (16 rounds; swept on the GPU by kernel_sweep.py
+    --search) keeps what bisection keeps, ties included."""
+    check_select_compact(gen, "cpu", ties=True, search=4, **SELECT_CASES[case])
+
+
+@interpreted
 @pytest.mark.parametrize("case", ["delta", "blocks-per-head"])
 def test_select_compact_without_bound(gen, case):
     """Metrics off: the dropped-bound pass is skipped, the selection is the same."""
