@@ -345,9 +345,7 @@ class PrhsBuilderMixin:
             if self._device_rows is not None and graph_holds_sparse_step(
                 self._vllm_config, common.num_reqs, single_token
             ):
-                rows = self._device_rows.write(common.seq_lens, common.block_table_tensor, None)
-                meta.graph_rows = rows
-                meta.dense_rows_base = dense_rows_metadata(base, rows.dense_lens)
+                meta.graph_rows = self._write_device_rows(meta, common, None)
             return meta
         if self.prhs_config.metrics:
             # Before this step is counted: the stats file then holds whole steps
@@ -365,13 +363,17 @@ class PrhsBuilderMixin:
         ):
             # This step may replay a full graph that holds the sparse step: it
             # reads the rows from these buffers.
-            rows = self._device_rows.write(
-                common.seq_lens, common.block_table_tensor,
-                None if sparse is None else sparse.host_mask,
-            )  # fmt: skip
-            if sparse is not None:
-                meta.dense_rows_base = dense_rows_metadata(base, rows.dense_lens)
+            self._write_device_rows(meta, common, None if sparse is None else sparse.host_mask)
         return meta
+
+    def _write_device_rows(self, meta: PrhsMetadata, common, host_mask) -> DeviceRows:
+        """Write the step's rows into the device buffers; where any row may run
+        sparse (a capture, or a step with sparse rows), ``meta`` gets the
+        metadata vLLM's kernel runs its dense rows with."""
+        rows = self._device_rows.write(common.seq_lens, common.block_table_tensor, host_mask)
+        if self._capturing or host_mask is not None:
+            meta.dense_rows_base = dense_rows_metadata(meta.base, rows.dense_lens)
+        return rows
 
 
 # vLLM's model runner dispatches steps with sparse rows around its full graphs
