@@ -256,7 +256,13 @@ class StepGraphs:
     dropped and captured again.
     """
 
-    _pool = None  # one memory pool for every layer: layers replay one at a time
+    # One memory pool for every layer (layers replay one at a time), per device.
+    # A MemPool object holds a reference to its pool: with a bare handle, once
+    # every graph in the pool was dropped (buckets re-captured after the KV
+    # cache moved) while a tensor from it lived on (a returned result, a
+    # cuBLAS workspace made during capture), the next capture into the handle
+    # failed torch's assertion that the pool is live.
+    _pools: dict[torch.device, torch.cuda.MemPool] = {}
     _workspaces: dict[tuple, torch.Tensor] = {}
     _row_inputs: dict[tuple, _RowInputs] = {}  # (device, rows, slots, table dtype)
 
@@ -351,9 +357,11 @@ class StepGraphs:
         torch.cuda.current_stream().wait_stream(side)
         if with_metrics:
             inputs.totals()  # allocated outside the graph's memory pool
-        if StepGraphs._pool is None:
-            StepGraphs._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(entry.graph, pool=StepGraphs._pool):
+        device = entry.query.device
+        if device not in StepGraphs._pools:
+            with torch.cuda.device(device):
+                StepGraphs._pools[device] = torch.cuda.MemPool()
+        with torch.cuda.graph(entry.graph, pool=StepGraphs._pools[device].id):
             entry.result = step(count=True)
 
     @classmethod

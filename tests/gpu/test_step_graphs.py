@@ -1,5 +1,6 @@
 """The CUDA-graph replay of the sparse step equals the eager step."""
 
+import gc
 import math
 
 import pytest
@@ -133,3 +134,24 @@ def test_layers_of_a_step_share_one_copy_of_the_rows():
         assert entry.inputs.seq_lens[num_rows:].eq(1).all()
         assert entry.inputs.block_table[num_rows:].eq(0).all()
     torch.testing.assert_close(counters - before, added, atol=1e-3, rtol=1e-6)
+
+
+def test_capture_after_every_graph_was_dropped_while_a_result_lives():
+    """All step graphs dropped (as when the KV cache moves) while a tensor from
+    their memory pool lives on: a new capture into the shared pool must still
+    work and equal the eager step."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    key, value, summaries = _layer(4096, gen)
+    params = SelectionParams(
+        block_size=BS, scale=D**-0.5, budget=0.125, delta=0.05, sink_tokens=64, local_tokens=256
+    )
+    seq_lens = torch.full((3,), 5000, dtype=torch.int32, device="cuda")
+    table = torch.randint(1, 4096, (3, 700), device="cuda", generator=gen).to(torch.int32)
+    query = torch.randn(3, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    args = (query, summaries, key, value, table, seq_lens, params, math.ceil(5000 / BS), True)
+    kept = StepGraphs().run(*args).keep  # its StepGraphs and graphs are gone now
+    gc.collect()
+    got = StepGraphs().run(*args)
+    want = sparse_step(*args)
+    torch.testing.assert_close(got.out.float(), want.out.float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(kept, got.keep)
