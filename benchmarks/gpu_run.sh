@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (vLLM 0.26.0 staged): the phases named on the command line,
-# results in $OUT. Phases: setup, tests, ops, ops-int8, ab-attention, ab-e2e, bucket-rows, sweep,
+# results in $OUT. Phases: setup, tests, ops, ops-int8, ab-attention, ab-ops, ab-e2e, bucket-rows, sweep,
 # sweep-scoring, sweep-search, sweep-splits, profile,
 # e2e, e2e-16, e2e-int8, fallback, fallback-ab, fallback-cpu, fallback-stacks, fallback-bisect,
 # graphs, e2e-full:dense|full|piecewise, e2e-full-compare.
@@ -57,11 +57,22 @@ for phase in "$@"; do
         python3 "${attn[@]}" --batches 12 16 32 --out "$out/attn_after_run$run.json" 2>&1 \
           | grep prhs_sparse
       done ;;
-    ab-e2e)  # 12 x 32K end to end, int8 at 1/16, in-process: the base tree's prhs against
-      # this tree's, interleaved twice on one machine (PYTHONPATH puts the base's
-      # prhs_vllm before the one gpu_setup.sh registered)
+    ab-ops)  # the whole sparse step of one layer (ops.py: scoring, selection, attention) at
+      # 16 x 32K and 1/16, the base tree's against this tree's, interleaved, per run in $AB_RUNS
       build_base
-      for run in 1 2; do
+      for run in ${AB_RUNS:-1 2}; do
+        for dtype in int8 float32; do
+          whole=(benchmarks/ops.py --batches 16 --contexts 32768 --budgets 16 --centroid-dtype $dtype)
+          (cd "$base" && PYTHONPATH="$base" python3 "${whole[@]}" \
+            --out "$out/whole_step_before_${dtype}_run$run.json" 2>&1 | tail -2)
+          python3 "${whole[@]}" --out "$out/whole_step_after_${dtype}_run$run.json" 2>&1 | tail -2
+        done
+      done ;;
+    ab-e2e)  # 12 x 32K end to end, int8 at 1/16, in-process: the base tree's prhs against
+      # this tree's, interleaved on one machine, once per run in $AB_RUNS (default "1 2";
+      # PYTHONPATH puts the base's prhs_vllm before the one gpu_setup.sh registered)
+      build_base
+      for run in ${AB_RUNS:-1 2}; do
         (cd "$base" && PYTHONPATH="$base" "${e2e[@]}" --backend prhs \
           --config "$OLDPWD/configs/int8.yaml" --set budget=0.0625 --context 32768 \
           --gpu-memory-utilization 0.95 --in-process --repeats 3 \
