@@ -13,7 +13,7 @@ out=${OUT:-/tmp/prhs-out}; mkdir -p "$out"
 e2e=(python3 benchmarks/e2e_decode.py --batch 12 --output-len 64 --cached-prefix)
 # The attention alone at 32K, both budgets (ab-attention, bucket-rows).
 attn=(benchmarks/ops_sparse_decode.py --contexts 32768 --budgets 16 8 --no-dense --replays 50)
-# A base tree built next to this one (ab-attention, ab-e2e): make it here first,
+# A base tree built next to this one (ab-attention, ab-ops, ab-e2e): make it here first,
 # and carry it (ignored by git):
 #   git archive BASE csrc prhs_vllm setup.py pyproject.toml README.md > ab_base_tree.tar
 base=/tmp/ab-base
