@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (vLLM 0.26.0 staged): the phases named on the command line,
-# results in $OUT. Phases: setup, tests, ops, ops-int8, ab-attention, ab-ops, ab-e2e, bucket-rows, sweep,
+# results in $OUT. Phases: setup, tests, ops, ops-int8, ab-attention, ab-attention-parts, ab-ops, ab-e2e, bucket-rows, sweep,
 # sweep-scoring, sweep-search, sweep-splits, profile,
 # e2e, e2e-16, e2e-int8, fallback, fallback-ab, fallback-cpu, fallback-stacks, fallback-bisect,
 # graphs, e2e-full:dense|full|piecewise, e2e-full-compare.
@@ -57,6 +57,20 @@ for phase in "$@"; do
         python3 "${attn[@]}" --batches 12 16 32 --out "$out/attn_after_run$run.json" 2>&1 \
           | grep prhs_sparse
       done ;;
+    ab-attention-parts)  # what ab-attention's difference is made of: each tree's kernel
+      # times (profiler), both trees timed with the host's graph launch (the timing before
+      # session 13), this tree without programmatic dependent launch
+      build_base
+      (cd "$base" && python3 "${attn[@]}" --batches 16 --kernel-times \
+        --out "$out/attn_before_kernel_times.json" 2>&1 | grep -A1 prhs_sparse)
+      python3 "${attn[@]}" --batches 16 --kernel-times --out "$out/attn_after_kernel_times.json" \
+        2>&1 | grep -A1 prhs_sparse
+      (cd "$base" && python3 "${attn[@]}" --batches 12 16 32 --time-host-launch \
+        --out "$out/attn_before_host_launch.json" 2>&1 | grep prhs_sparse)
+      python3 "${attn[@]}" --batches 12 16 32 --time-host-launch \
+        --out "$out/attn_after_host_launch.json" 2>&1 | grep prhs_sparse
+      PRHS_SPARSE_DECODE_PDL=0 python3 "${attn[@]}" --batches 12 16 32 \
+        --out "$out/attn_after_no_pdl.json" 2>&1 | grep prhs_sparse ;;
     ab-ops)  # the whole sparse step of one layer (ops.py: scoring, selection, attention) at
       # 16 x 32K and 1/16, the base tree's against this tree's, interleaved, per run in $AB_RUNS
       build_base

@@ -8,7 +8,8 @@ is the fused Triton kernel (keep mask and compacted slot lists in one launch);
 "selection_k16" the same kernel with a 16-ary threshold search (a launch option),
 "selection_torch" the torch path it replaced, for comparison. Each time is
 the median over CUDA-graph replays (graphs hold several calls over distinct
-page sets, so reads come from HBM); "eager" re-times the whole step without a
+page sets, so reads come from HBM; ``ops_sparse_decode.time_graph`` hides the
+host's launch of each replay); "eager" re-times the whole step without a
 graph, which is how it runs inside vLLM today (attention outside graphs).
 Page summaries: float32 sum / min / max, or with ``--centroid-dtype int8|int4``
 quantized centroid codes inside bf16 boxes (the backend's two layouts).
@@ -37,6 +38,7 @@ from ops_sparse_decode import (  # noqa: E402
     Shape,
     load_flash_attn,
     time_graph,
+    timing_note,
 )
 
 from prhs_vllm import ops  # noqa: E402
@@ -254,6 +256,7 @@ def main() -> None:
     result = {
         "gpu": torch.cuda.get_device_name(),
         "command": " ".join(sys.argv),
+        "timing": timing_note(),
         "flash_attn_unavailable": why,
         "rows": rows,
     }

@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstddef>
+#include <cstdlib>
+#include <cstring>
 
 #include "sparse_decode_kernel.cuh"
 
@@ -23,6 +25,7 @@ struct Plan {
   int num_head_chunks;  // ceil(group / group_max)
   int num_splits;
   bool merge_in_split;  // the last split merges (else the combine kernel)
+  bool dependent_launch;  // programmatic dependent launch (dependent_launch_allowed)
   size_t workspace_bytes;
 };
 
@@ -66,10 +69,19 @@ struct Variant {
     return cudaSuccess;
   }
 
-  static cudaError_t launch(const Params& p, cudaStream_t stream) {
-    const dim3 grid(p.num_rows * p.num_splits, p.num_kv_heads * p.num_head_chunks);
-    split_kernel()<<<grid, kThreads, Tl::kSmemBytes, stream>>>(p);
-    cudaError_t err = cudaGetLastError();
+  static cudaError_t launch(const Params& p, bool dependent_launch, cudaStream_t stream) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(p.num_rows * p.num_splits, p.num_kv_heads * p.num_head_chunks);
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = Tl::kSmemBytes;
+    config.stream = stream;
+    cudaLaunchAttribute attribute = {};
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = &attribute;
+    config.numAttrs = dependent_launch ? 1 : 0;
+    cudaError_t err = cudaLaunchKernelEx(&config, split_kernel(), p);
+    if (err == cudaSuccess) err = cudaGetLastError();
     if (err != cudaSuccess || p.num_splits == 1 || p.merge_counters != nullptr) return err;
     const int items = p.num_rows * p.num_q_heads;
     combine_kernel()<<<(items + kCombineWarps - 1) / kCombineWarps, kCombineWarps * 32, 0,
@@ -107,6 +119,29 @@ cudaError_t with_variant(DType dtype, int head_dim, int group_max, F&& f) {
     case DType::kFloat16: return with_head_dim<__half>(head_dim, group_max, f);
     default: return cudaErrorInvalidValue;
   }
+}
+
+// Programmatic dependent launch: the split kernel may be launched while the
+// kernel before it in the stream finishes (its CTAs start, then wait in
+// wait_for_prior_grids before reading any input), which hides most of the
+// launch gap between the two. Hopper and later; PRHS_SPARSE_DECODE_PDL=0 turns
+// it off (A/B timing).
+inline cudaError_t dependent_launch_allowed(int device, bool* allowed) {
+  static std::atomic<int> cached[kMaxDevices];  // 0: unknown, 1: no, 2: yes
+  if (device >= 0 && device < kMaxDevices) {
+    const int value = cached[device].load(std::memory_order_relaxed);
+    if (value > 0) {
+      *allowed = value == 2;
+      return cudaSuccess;
+    }
+  }
+  int major = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) return err;
+  const char* env = std::getenv("PRHS_SPARSE_DECODE_PDL");
+  *allowed = major >= 9 && !(env != nullptr && std::strcmp(env, "0") == 0);
+  if (device >= 0 && device < kMaxDevices) cached[device].store(*allowed ? 2 : 1);
+  return cudaSuccess;
 }
 
 inline cudaError_t sm_count(int device, int* count) {
@@ -149,6 +184,7 @@ inline cudaError_t make_plan(const Params& p, int device, Plan* plan, int reques
   });
   if (err != cudaSuccess) return err;
   if ((err = sm_count(device, &sms)) != cudaSuccess) return err;
+  if ((err = dependent_launch_allowed(device, &plan->dependent_launch)) != cudaSuccess) return err;
 
   const int64_t units = int64_t(std::max(p.num_rows, 1)) * p.num_kv_heads * plan->num_head_chunks;
   const int64_t target = int64_t(sms) * ctas_per_sm;
@@ -200,7 +236,9 @@ inline cudaError_t run(Params p, const Plan& plan, void* workspace, cudaStream_t
                       : p.partial_out + size_t(plan.num_splits) * p.num_rows * p.num_q_heads *
                                             p.head_dim;
   return with_variant(p.dtype, p.head_dim, plan.group_max,
-                      [&](auto variant) { return decltype(variant)::launch(p, stream); });
+                      [&](auto variant) {
+                        return decltype(variant)::launch(p, plan.dependent_launch, stream);
+                      });
 }
 
 }  // namespace sparse_decode

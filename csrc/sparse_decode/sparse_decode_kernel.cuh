@@ -11,6 +11,12 @@
 // (normalised output, log2-sum-exp); the last split of a (row, KV head, head
 // chunk) to finish merges them (merge_counters), or, without counters,
 // sparse_decode_combine_kernel does.
+//
+// The kept pages go to the splits round robin (split s takes kept pages s,
+// s + num_splits, ...): a split's kept_slots entries are then known before
+// num_kept is, so the two loads overlap and the first K/V load comes one
+// dependent load sooner. Every CTA of a one-wave grid waits out that chain at
+// the same time, with HBM idle.
 #pragma once
 
 #include <cmath>
@@ -54,6 +60,7 @@ struct Tile {
   static_assert(32 % kLanes == 0, "a token row's lanes sit in one warp (shuffle sums)");
   static_assert(kChunk % kSegment == 0, "a stage holds whole segments");
   static_assert(kMainBytes % 16 == 0, "segment table alignment");
+  static_assert(kSegmentCap % kThreads == 0, "the segment table fills in whole rounds");
 };
 
 // The num_splits partials of GMAX query heads of one row, merged by one CTA
@@ -107,6 +114,32 @@ __device__ __forceinline__ void merge_splits(const Params& p, int row, int first
   }
 }
 
+// Which (row, split, KV head, head chunk) a CTA of the split kernel works on.
+struct CtaPlace {
+  int row, split, kv_head, head_chunk;
+  int first_head, num_heads;  // the query heads of the chunk
+  int64_t row_head;           // row * Hkv + kv_head
+};
+
+// Read from %ctaid through volatile asm, so that the kernel can read it again
+// after its main loop rather than hold it in registers through the loop:
+// GMAX 4 needs all 128 a thread has at 4 CTAs an SM, and ptxas would spill.
+template <int GMAX>
+__device__ __forceinline__ CtaPlace cta_place(const Params& p) {
+  int x, y;
+  asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(x));
+  asm volatile("mov.u32 %0, %%ctaid.y;\n" : "=r"(y));
+  CtaPlace at;
+  at.row = x / p.num_splits;
+  at.split = x - at.row * p.num_splits;
+  at.kv_head = y / p.num_head_chunks;
+  at.head_chunk = y - at.kv_head * p.num_head_chunks;
+  at.first_head = at.kv_head * p.group_size + at.head_chunk * GMAX;
+  at.num_heads = min(GMAX, p.group_size - at.head_chunk * GMAX);
+  at.row_head = int64_t(at.row) * p.num_kv_heads + at.kv_head;
+  return at;
+}
+
 template <typename T, int D, int GMAX>
 __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
     sparse_decode_split_kernel(const Params p) {
@@ -120,40 +153,87 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
   int64_t* seg_offset = reinterpret_cast<int64_t*>(smem + Tl::kMainBytes);
   int* seg_valid = reinterpret_cast<int*>(seg_offset + kSegmentCap);
 
-  const int row = blockIdx.x / p.num_splits;
-  const int split = blockIdx.x - row * p.num_splits;
-  const int kv_head = blockIdx.y / p.num_head_chunks;
-  const int head_chunk = blockIdx.y - kv_head * p.num_head_chunks;
+  CtaPlace at = cta_place<GMAX>(p);
   const int lane = threadIdx.x % kLanes;
   const int trow = threadIdx.x / kLanes;
-  const int first_head = kv_head * p.group_size + head_chunk * GMAX;
-  const int num_heads = min(GMAX, p.group_size - head_chunk * GMAX);
 
-  // This split's share of the kept pages, in 16-token segments.
-  const int64_t row_head = int64_t(row) * p.num_kv_heads + kv_head;
-  const int kept = min(max(p.num_kept[row_head], 0), p.max_kept);
-  const int per_split = (kept + p.num_splits - 1) / p.num_splits;
-  const int page_begin = min(kept, split * per_split);
-  const int page_end = min(kept, page_begin + per_split);
+  // Everything below reads inputs that the previous kernel may have written.
+  wait_for_prior_grids();
+
+  // This split's kept pages (round robin), in 16-token segments. seg_bound
+  // comes from the kept_slots width alone, so the first kept_slots loads do
+  // not wait for num_kept.
   const int segs_per_page = p.block_size / kSegment;
-  const int seg_begin = page_begin * segs_per_page;
-  const int seg_end = page_end * segs_per_page;
-  const int seq_len = p.seq_lens[row];
+  const auto split_pages = [&](int pages) {
+    return pages > at.split ? (pages - at.split + p.num_splits - 1) / p.num_splits : 0;
+  };
+  const int seg_bound = split_pages(p.max_kept) * segs_per_page;
+  const int* split_slots = p.kept_slots + at.row_head * p.max_kept + at.split;
+  const int seq_len = p.seq_lens[at.row];
+  // The query heads' bits now, their floats after the table: the loads overlap
+  // the table's (nothing waits for them before the first K/V load is issued).
+  uint4 q_bits[GMAX];
+#pragma unroll
+  for (int g = 0; g < GMAX; ++g) {
+    const T* src = static_cast<const T*>(p.query) + at.row * p.query_stride_row +
+                   (at.first_head + min(g, at.num_heads - 1)) * p.query_stride_head + lane * kVec;
+    q_bits[g] = *reinterpret_cast<const uint4*>(src);
+  }
+
+  // Segment table entries of this split's segments: the K/V offset of segment
+  // `seg` (of the split's; its page holds kept_slots entry `kept_idx`) and how
+  // many of its tokens are visible (0: none). `kept` is only compared here:
+  // nothing derived from it (a division) is scheduled before the slot loads.
+  struct Entry {
+    int64_t offset;
+    int valid;
+  };
+  auto table_entry = [&](int seg, int slot, int kept) {
+    const int page_of_split = seg / segs_per_page;
+    const int seg_in_page = seg - page_of_split * segs_per_page;
+    const int kept_idx = at.split + page_of_split * p.num_splits;
+    Entry e{0, 0};
+    if (kept_idx < kept && slot >= 0 && slot < p.max_blocks) {
+      const int first_token = slot * p.block_size + seg_in_page * kSegment;
+      e.valid = min(max(seq_len - first_token, 0), kSegment);
+      if (e.valid > 0) {
+        const int64_t page = p.block_table[at.row * p.block_table_stride + slot];
+        e.offset = page * p.kv_stride_page + at.kv_head * p.kv_stride_head +
+                   int64_t(seg_in_page) * kSegment * p.kv_stride_token;
+      }
+    }
+    return e;
+  };
+  // The first batch reads kept_slots up to seg_bound whatever num_kept says
+  // (only entries below it are used): the slot loads and num_kept's go out
+  // together.
+  const int fill = min(kSegmentCap, seg_bound);
+  constexpr int kFillRounds = kSegmentCap / kThreads;
+  int slots[kFillRounds];
+#pragma unroll
+  for (int f = 0; f < kFillRounds; ++f) {
+    const int i = threadIdx.x + f * kThreads;
+    slots[f] = i < fill ? split_slots[int64_t(i / segs_per_page) * p.num_splits] : -1;
+  }
+  const int kept = min(max(p.num_kept[at.row_head], 0), p.max_kept);
+#pragma unroll
+  for (int f = 0; f < kFillRounds; ++f) {
+    const int i = threadIdx.x + f * kThreads;
+    if (i >= fill) break;
+    const Entry e = table_entry(i, slots[f], kept);
+    seg_offset[i] = e.offset;
+    seg_valid[i] = e.valid;
+  }
+  const int seg_count = split_pages(kept) * segs_per_page;
+  __syncthreads();
 
   // Query heads of the group, pre-scaled so that logits are in log2 units.
   float q[GMAX][kVec];
 #pragma unroll
   for (int g = 0; g < GMAX; ++g) {
-    if (g < num_heads) {
-      const T* src = static_cast<const T*>(p.query) + row * p.query_stride_row +
-                     (first_head + g) * p.query_stride_head + lane * kVec;
-      unpack8<T>(*reinterpret_cast<const uint4*>(src), q[g]);
+    unpack8<T>(q_bits[g], q[g]);
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) q[g][i] *= p.scale_log2;
-    } else {
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) q[g][i] = 0.f;
-    }
+    for (int i = 0; i < kVec; ++i) q[g][i] = g < at.num_heads ? q[g][i] * p.scale_log2 : 0.f;
   }
 
   float m[GMAX], l[GMAX], acc[GMAX][kVec];
@@ -168,29 +248,8 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
   const T* key_base = static_cast<const T*>(p.key_cache) + lane * kVec;
   const T* value_base = static_cast<const T*>(p.value_cache) + lane * kVec;
 
-  for (int batch = seg_begin; batch < seg_end; batch += kSegmentCap) {
-    const int num_segs = min(kSegmentCap, seg_end - batch);
-    __syncthreads();  // the previous batch's segment table is no longer read
-    for (int i = threadIdx.x; i < num_segs; i += kThreads) {
-      const int kept_idx = (batch + i) / segs_per_page;
-      const int seg_in_page = batch + i - kept_idx * segs_per_page;
-      const int slot = p.kept_slots[row_head * p.max_kept + kept_idx];
-      int valid = 0;
-      int64_t offset = 0;
-      if (slot >= 0 && slot < p.max_blocks) {
-        const int first_token = slot * p.block_size + seg_in_page * kSegment;
-        valid = min(max(seq_len - first_token, 0), kSegment);
-        if (valid > 0) {
-          const int64_t page = p.block_table[row * p.block_table_stride + slot];
-          offset = page * p.kv_stride_page + kv_head * p.kv_stride_head +
-                   int64_t(seg_in_page) * kSegment * p.kv_stride_token;
-        }
-      }
-      seg_offset[i] = offset;
-      seg_valid[i] = valid;
-    }
-    __syncthreads();
-
+  for (int batch = 0;;) {
+    const int num_segs = max(0, min(kSegmentCap, seg_count - batch));
     const int num_chunks = (num_segs + Tl::kSegsPerChunk - 1) / Tl::kSegsPerChunk;
 
     // Token r of a stage is row r % kRows of pass r / kRows: thread `trow`
@@ -281,9 +340,27 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
       cp_async_commit();
       compute(chunk);
     }
+    batch += kSegmentCap;
+    if (batch >= seg_count) break;
+    __syncthreads();  // the previous batch's table is no longer read
+    const int num_segs_next = min(kSegmentCap, seg_count - batch);
+#pragma unroll
+    for (int f = 0; f < kFillRounds; ++f) {
+      const int i = threadIdx.x + f * kThreads;
+      if (i >= num_segs_next) break;
+      const int kept_idx = at.split + (batch + i) / segs_per_page * p.num_splits;
+      const int slot = p.kept_slots[at.row_head * p.max_kept + kept_idx];
+      const Entry e = table_entry(batch + i, slot, kept);
+      seg_offset[i] = e.offset;
+      seg_valid[i] = e.valid;
+    }
+    __syncthreads();
   }
+  // A dependent grid may start launching its CTAs into the SM room that ours free.
+  allow_dependent_grids();
   cp_async_wait<0>();
   __syncthreads();  // the pipeline's smem becomes the merge buffer
+  at = cta_place<GMAX>(p);
 
   // Merge the kRows per-row states of each (head, channel).
   float* merge_acc = reinterpret_cast<float*>(smem);  // [kRows][GMAX][D]
@@ -304,7 +381,7 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
   for (int item = threadIdx.x; item < GMAX * D / 4; item += kThreads) {
     const int g = item / (D / 4);
     const int d = (item - g * (D / 4)) * 4;
-    if (g >= num_heads) continue;
+    if (g >= at.num_heads) continue;
     float m_all = kNegInf;
 #pragma unroll
     for (int z = 0; z < kRows; ++z) m_all = fmaxf(m_all, merge_m[z * GMAX + g]);
@@ -327,13 +404,13 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
     const float lse2 = l_all > 0.f ? m_all + log2f(l_all) : kNegInf;
 #pragma unroll
     for (int i = 0; i < 4; ++i) o[i] *= inv_l;
-    const int head = first_head + g;
+    const int head = at.first_head + g;
     if (p.num_splits == 1) {
-      T* dst = static_cast<T*>(p.out) + row * p.out_stride_row + head * p.out_stride_head + d;
+      T* dst = static_cast<T*>(p.out) + at.row * p.out_stride_row + head * p.out_stride_head + d;
       store_packed<T, 4>(dst, o);
-      if (d == 0) p.lse[row * p.lse_stride_row + head * p.lse_stride_head] = lse2 * kLn2;
+      if (d == 0) p.lse[at.row * p.lse_stride_row + head * p.lse_stride_head] = lse2 * kLn2;
     } else {
-      const int64_t part = (int64_t(split) * p.num_rows + row) * p.num_q_heads + head;
+      const int64_t part = (int64_t(at.split) * p.num_rows + at.row) * p.num_q_heads + head;
       *reinterpret_cast<float4*>(p.partial_out + part * D + d) =
           make_float4(o[0], o[1], o[2], o[3]);
       if (d == 0) p.partial_lse[part] = lse2;
@@ -349,7 +426,7 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
   int* is_last = seg_valid;  // the segment table is no longer read
   __syncthreads();
   if (threadIdx.x == 0) {
-    int* counter = p.merge_counters + row_head * p.num_head_chunks + head_chunk;
+    int* counter = p.merge_counters + at.row_head * p.num_head_chunks + at.head_chunk;
     fence_acq_rel_gpu();
     const bool last = atomicAdd(counter, 1) == p.num_splits - 1;
     if (last) {
@@ -360,7 +437,7 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
   }
   __syncthreads();
   if (!*is_last) return;
-  merge_splits<T, D, GMAX>(p, row, first_head, num_heads, reinterpret_cast<float*>(smem));
+  merge_splits<T, D, GMAX>(p, at.row, at.first_head, at.num_heads, reinterpret_cast<float*>(smem));
 }
 
 // Merges the num_splits partials of each (row, query head): one warp each.

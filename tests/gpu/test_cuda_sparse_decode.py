@@ -280,6 +280,70 @@ def test_cuda_graph_replay(gen):
         torch.testing.assert_close(lse, ref_lse, atol=LSE_ATOL, rtol=0)
 
 
+def test_back_to_back_calls_read_what_the_kernel_before_wrote(gen):
+    """The split kernel is a programmatic dependent launch on Hopper: it may
+    start while the kernel before it runs, and must still read that kernel's
+    writes. Call 2's query is call 1's output, and a kernel right before call 2
+    rewrites the kept slots and counts (which held call 1's); eagerly and
+    replayed from one CUDA graph."""
+    head_dim, block_size, num_kv_heads, group = 128, 16, 8, 4
+    query, key, value, table, seq_lens, slots_1, kept_1 = inputs_and_slots(
+        gen, LENS * 4, num_kv_heads, group, head_dim, block_size, torch.bfloat16
+    )
+    keep_2 = random_keep(gen, seq_lens, num_kv_heads, table.shape[1], block_size, 0.6)
+    slots_2, kept_2 = compact_keep(keep_2)
+    assert slots_2.shape == slots_1.shape and not torch.equal(kept_2, kept_1)
+    scale = head_dim**-0.5
+    workspace = cuda_ops.alloc_workspace(
+        query.shape[0], query.shape[1], num_kv_heads, head_dim, block_size,
+        slots_1.shape[-1], query.dtype, DEVICE,
+    )  # fmt: skip
+    assert plan_of(query, key, slots_1)["num_splits"] > 1  # the counted merge runs too
+    kept_slots, num_kept = slots_1.clone(), kept_1.clone()
+    out_1, out_2 = torch.empty_like(query), torch.empty_like(query)
+    lse = torch.empty(query.shape[:2], device=DEVICE)
+
+    def chain():
+        kept_slots.copy_(slots_1)
+        num_kept.copy_(kept_1)
+        out_1.fill_(math.nan)  # a kernel: call 2 must not read these
+        cuda_ops.sparse_paged_decode_indexed(
+            query, key, value, table, seq_lens, kept_slots, num_kept, scale, out_1,
+            lse=lse, workspace=workspace,
+        )  # fmt: skip
+        torch.add(slots_2, 0, out=kept_slots)  # kernels writing call 2's selection
+        torch.add(kept_2, 0, out=num_kept)
+        cuda_ops.sparse_paged_decode_indexed(
+            out_1, key, value, table, seq_lens, kept_slots, num_kept, scale, out_2,
+            lse=lse, workspace=workspace,
+        )  # fmt: skip
+
+    def check_chain():
+        tol = decode_tol(query.dtype).close()
+        ref_1, _ = reference(query, key, value, table, seq_lens, slots_1, kept_1, scale)
+        ref_2, _ = reference(out_1, key, value, table, seq_lens, slots_2, kept_2, scale)
+        torch.testing.assert_close(out_1.float(), ref_1.float(), **tol)
+        torch.testing.assert_close(out_2.float(), ref_2.float(), **tol)
+
+    for _ in range(3):
+        out_2.fill_(math.nan)
+        chain()
+        check_chain()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain()
+    for _ in range(3):
+        out_2.fill_(math.nan)
+        graph.replay()
+        torch.cuda.synchronize()
+        check_chain()
+
+
 def test_rejects_bad_arguments(gen):
     """Checked in Python before the extension is called (see also
     tests/test_cuda_wrapper_validation.py). Mismatched devices need 2 GPUs."""
