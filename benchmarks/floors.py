@@ -68,20 +68,26 @@ def ms_at_ceiling(num_bytes: float, args) -> float:
     return num_bytes / (args.ceiling_gbs * 1e9) * 1e3
 
 
+def page_heads(rows: int, context: int, args) -> int:
+    """(page, KV head) pairs of `rows` rows of `context` tokens."""
+    return rows * math.ceil(context / args.block_size) * args.kv_heads
+
+
 def sparse_layer_bytes(rows: int, context: int, args) -> dict:
     """Bytes one sparse layer must read: kept K/V pages and every page's summary."""
     kv, summary = page_bytes(args)
-    page_heads = rows * math.ceil(context / args.block_size) * args.kv_heads
-    return {"kept_kv": args.budget * page_heads * kv, "summaries": page_heads * summary}
+    pairs = page_heads(rows, context, args)
+    return {"kept_kv": args.budget * pairs * kv, "summaries": pairs * summary}
 
 
 def layer_floor(args) -> dict:
     parts = sparse_layer_bytes(args.layer_batch, args.layer_context, args)
     floor_ms = ms_at_ceiling(sum(parts.values()), args)
     target_bytes = args.layer_target_ms * 1e-3 * args.ceiling_gbs * 1e9
-    page_heads = args.layer_batch * math.ceil(args.layer_context / args.block_size) * args.kv_heads
     # The largest summary that would still fit the target next to the kept pages.
-    summary_room = (target_bytes - parts["kept_kv"]) / page_heads
+    summary_room = (target_bytes - parts["kept_kv"]) / page_heads(
+        args.layer_batch, args.layer_context, args
+    )
     return {
         "rows": args.layer_batch,
         "context": args.layer_context,
@@ -98,7 +104,7 @@ def step_floor(args) -> dict:
     kv, _ = page_bytes(args)
     sparse = sparse_layer_bytes(args.batch, args.context, args)
     sparse_ms = ms_at_ceiling(sum(sparse.values()), args)
-    dense_bytes = args.batch * math.ceil(args.context / args.block_size) * args.kv_heads * kv
+    dense_bytes = page_heads(args.batch, args.context, args) * kv
     dense_ms = ms_at_ceiling(dense_bytes, args)
     sparse_layers = args.layers - args.dense_layers
     floor_ms = args.gemm_ms + args.dense_layers * dense_ms + sparse_layers * sparse_ms
