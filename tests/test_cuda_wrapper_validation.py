@@ -48,6 +48,7 @@ def fake(monkeypatch):
             "workspace_bytes": NEED,
             "merge_in_split": True,
             "counter_bytes": COUNTER_BYTES,
+            "dependent_launch": False,
         }
 
     monkeypatch.setattr(sd, "_KERNEL_DEVICE_TYPE", "cpu")

@@ -33,6 +33,21 @@ struct Plan {
 // place for every plan, so counters stay zero across calls of any shape.
 constexpr size_t kCounterBytes = size_t(kMergeCounters) * sizeof(int);
 
+// Programmatic dependent launch: the split kernel may be launched while the
+// kernel before it in the stream finishes (its CTAs start, then wait in
+// wait_for_prior_grids before reading any input), which hides most of the
+// launch gap between the two. Only where the kernel the device runs was
+// generated for sm_90+ (its PTX version): a compute_80 PTX JIT-compiled for a
+// newer GPU has no griddepcontrol.wait, and would read its inputs unordered.
+// PRHS_SPARSE_DECODE_PDL=0 turns it off (A/B timing).
+inline bool dependent_launch_allowed(int ptx_version) {
+  static const bool disabled = [] {
+    const char* env = std::getenv("PRHS_SPARSE_DECODE_PDL");
+    return env != nullptr && std::strcmp(env, "0") == 0;
+  }();
+  return ptx_version >= 90 && !disabled;
+}
+
 inline int group_max_for(int group) {
   return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
 }
@@ -46,13 +61,16 @@ struct Variant {
   static auto combine_kernel() { return &sparse_decode_combine_kernel<T, D>; }
 
   // Opts the kernel into its (> 48 KB) dynamic shared memory on `device` (the
-  // current device) and returns how many of its CTAs fit on one SM.
-  static cudaError_t prepare(int device, int* ctas_per_sm) {
-    static std::atomic<int> cached[kMaxDevices];  // 0: not prepared yet
+  // current device) and returns how many of its CTAs fit on one SM, and
+  // whether it may be a programmatic dependent launch there.
+  static cudaError_t prepare(int device, int* ctas_per_sm, bool* dependent_launch) {
+    // 0: not prepared yet; else 2 * CTAs an SM + (dependent launch allowed).
+    static std::atomic<int> cached[kMaxDevices];
     if (device >= 0 && device < kMaxDevices) {
       const int value = cached[device].load(std::memory_order_relaxed);
       if (value > 0) {
-        *ctas_per_sm = value;
+        *ctas_per_sm = value / 2;
+        *dependent_launch = value % 2 == 1;
         return cudaSuccess;
       }
     }
@@ -64,8 +82,13 @@ struct Variant {
                                                         Tl::kSmemBytes);
     if (err != cudaSuccess) return err;
     if (blocks < 1) return cudaErrorInvalidConfiguration;
-    if (device >= 0 && device < kMaxDevices) cached[device].store(blocks);
+    cudaFuncAttributes attributes = {};
+    if ((err = cudaFuncGetAttributes(&attributes, split_kernel())) != cudaSuccess) return err;
     *ctas_per_sm = blocks;
+    *dependent_launch = dependent_launch_allowed(attributes.ptxVersion);
+    if (device >= 0 && device < kMaxDevices) {
+      cached[device].store(2 * blocks + (*dependent_launch ? 1 : 0));
+    }
     return cudaSuccess;
   }
 
@@ -121,29 +144,6 @@ cudaError_t with_variant(DType dtype, int head_dim, int group_max, F&& f) {
   }
 }
 
-// Programmatic dependent launch: the split kernel may be launched while the
-// kernel before it in the stream finishes (its CTAs start, then wait in
-// wait_for_prior_grids before reading any input), which hides most of the
-// launch gap between the two. Hopper and later; PRHS_SPARSE_DECODE_PDL=0 turns
-// it off (A/B timing).
-inline cudaError_t dependent_launch_allowed(int device, bool* allowed) {
-  static std::atomic<int> cached[kMaxDevices];  // 0: unknown, 1: no, 2: yes
-  if (device >= 0 && device < kMaxDevices) {
-    const int value = cached[device].load(std::memory_order_relaxed);
-    if (value > 0) {
-      *allowed = value == 2;
-      return cudaSuccess;
-    }
-  }
-  int major = 0;
-  const cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err != cudaSuccess) return err;
-  const char* env = std::getenv("PRHS_SPARSE_DECODE_PDL");
-  *allowed = major >= 9 && !(env != nullptr && std::strcmp(env, "0") == 0);
-  if (device >= 0 && device < kMaxDevices) cached[device].store(*allowed ? 2 : 1);
-  return cudaSuccess;
-}
-
 inline cudaError_t sm_count(int device, int* count) {
   static std::atomic<int> cached[kMaxDevices];
   if (device >= 0 && device < kMaxDevices) {
@@ -180,11 +180,10 @@ inline cudaError_t make_plan(const Params& p, int device, Plan* plan, int reques
 
   int ctas_per_sm = 0, sms = 0;
   cudaError_t err = with_variant(p.dtype, p.head_dim, plan->group_max, [&](auto variant) {
-    return decltype(variant)::prepare(device, &ctas_per_sm);
+    return decltype(variant)::prepare(device, &ctas_per_sm, &plan->dependent_launch);
   });
   if (err != cudaSuccess) return err;
   if ((err = sm_count(device, &sms)) != cudaSuccess) return err;
-  if ((err = dependent_launch_allowed(device, &plan->dependent_launch)) != cudaSuccess) return err;
 
   const int64_t units = int64_t(std::max(p.num_rows, 1)) * p.num_kv_heads * plan->num_head_chunks;
   const int64_t target = int64_t(sms) * ctas_per_sm;

@@ -185,5 +185,6 @@ std::vector<int64_t> sparse_paged_decode_plan(int64_t num_rows, int64_t num_q_he
           plan.num_splits,
           static_cast<int64_t>(plan.workspace_bytes),
           plan.merge_in_split ? 1 : 0,
-          counter_bytes};
+          counter_bytes,
+          plan.dependent_launch ? 1 : 0};
 }

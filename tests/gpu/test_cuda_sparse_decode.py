@@ -11,6 +11,7 @@ kernel's segment table holds, the FlashAttention cache view, CUDA graphs.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -278,6 +279,16 @@ def test_cuda_graph_replay(gen):
         ref_out, ref_lse = reference(*args)
         torch.testing.assert_close(out.float(), ref_out.float(), **decode_tol(query.dtype).close())
         torch.testing.assert_close(lse, ref_lse, atol=LSE_ATOL, rtol=0)
+
+
+def test_dependent_launch_on_hopper_only(gen):
+    """Programmatic dependent launch where the kernel the GPU runs was built for
+    sm_90+ (it waits in griddepcontrol.wait); elsewhere a plain launch."""
+    args = inputs_and_slots(gen, LENS, 2, 4, 128, 16, torch.bfloat16)
+    plan = plan_of(args[0], args[1], args[5])
+    major = torch.cuda.get_device_capability()[0]
+    off = os.environ.get("PRHS_SPARSE_DECODE_PDL") == "0"
+    assert plan["dependent_launch"] == (major == 9 and not off)
 
 
 def test_back_to_back_calls_read_what_the_kernel_before_wrote(gen):

@@ -111,10 +111,12 @@ def split_plan(
 ) -> dict[str, int]:
     """How one call is cut up: query heads per CTA, CTAs per KV head group,
     split-K factor, workspace bytes, whether the last split merges the
-    partials (else a second kernel does) and the bytes of the workspace's
-    leading arrival counters (num_splits > 0: the plan that asks for that
-    split-K factor, as ``sparse_paged_decode_indexed`` takes it)."""
-    group_max, head_chunks, splits, nbytes, merge_in_split, counter_bytes = _plan(
+    partials (else a second kernel does), the bytes of the workspace's
+    leading arrival counters, and whether the kernel is a programmatic
+    dependent launch (Hopper; PRHS_SPARSE_DECODE_PDL=0 turns it off)
+    (num_splits > 0: the plan that asks for that split-K factor, as
+    ``sparse_paged_decode_indexed`` takes it)."""
+    group_max, head_chunks, splits, nbytes, merge_in_split, counter_bytes, dependent = _plan(
         num_rows,
         num_q_heads,
         num_kv_heads,
@@ -132,6 +134,7 @@ def split_plan(
         "workspace_bytes": nbytes,
         "merge_in_split": bool(merge_in_split),
         "counter_bytes": counter_bytes,
+        "dependent_launch": bool(dependent),
     }
 
 
@@ -146,7 +149,7 @@ def _plan(
     dtype: torch.dtype,
     device_index: int,
     num_splits: int = 0,
-) -> tuple[int, int, int, int]:
+) -> tuple[int, ...]:
     """The plan depends only on shapes and the device (never on data), so one
     op call per distinct shape is enough: later calls are a dict lookup."""
     plan = _ops().sparse_paged_decode_plan(
