@@ -11,6 +11,11 @@ and then its SM (%smid). Per call it also splits the spread of "main loop
 done" into its part between SMs (the mean over each SM's CTAs) and within an
 SM, and keeps every CTA's SM and loop-done time in the JSON.
 
+`--analyze FILE` (no GPU) reads such a JSON and prints, per call, when the
+main loop would have ended had the pages been shared out by each CTA's
+measured speed: among the CTAs of a row-head (work stealing inside a
+row-head), or among all CTAs (balancing across row-heads).
+
 The workspace tail holds them. Each call runs behind a GPU busy-wait, over a
 fresh random block table and selection of a page pool 8x the L2 (as
 ops_sparse_decode.py). Prints, per stamp, the spread over CTAs of the time
@@ -55,7 +60,65 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--budget", type=int, default=16, help="keep 1/B of the pages")
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--out", type=Path)
+    p.add_argument("--analyze", type=Path, help="a JSON this script wrote: balance bounds only")
     return p.parse_args()
+
+
+def split_pages(kept: int, split: int, splits: int) -> int:
+    """Kept pages of split `split` of a row-head (the kernel's round robin)."""
+    return (kept - split + splits - 1) // splits if kept > split else 0
+
+
+def balance_bounds(
+    loop_done_us: list[float], batch: int, splits: int, kept: int, start_us: float
+) -> dict[str, float]:
+    """When the main loop ends, measured and if pages were shared by speed.
+
+    Args:
+        loop_done_us: [CTAs] each CTA's loop end (us since the first entry), in
+            CTA order (blockIdx.y * gridDim.x + blockIdx.x, gridDim.x = batch *
+            splits: a row's splits are neighbours).
+        kept: kept pages of every row-head; start_us: when streaming starts.
+
+    Each CTA streams at its measured rate, pages / (loop_done - start). Shared
+    inside a row-head, the row-head ends at start + kept / (its CTAs' rates);
+    shared among all CTAs, every CTA ends at start + all pages / (all rates).
+    """
+    grid_x = batch * splits
+    rates: dict[tuple[int, int], float] = {}
+    total_pages, total_rate = 0, 0.0
+    for c, done in enumerate(loop_done_us):
+        x, y = c % grid_x, c // grid_x
+        split = x % splits
+        rate = split_pages(kept, split, splits) / max(done - start_us, 1e-9)
+        unit = (x // splits, y)
+        rates[unit] = rates.get(unit, 0.0) + rate
+        total_rate += rate
+        total_pages += split_pages(kept, split, splits)
+    row_head = max(start_us + kept / r for r in rates.values())
+    return {
+        "measured_max": round(max(loop_done_us), 3),
+        "row_head_balanced_max": round(row_head, 3),
+        "all_balanced": round(start_us + total_pages / total_rate, 3),
+    }
+
+
+def analyze(path: Path) -> list[dict[str, float]]:
+    """balance_bounds of every call in a JSON this script wrote (streaming taken
+    to start at the call's median first-chunk stamp)."""
+    report = json.loads(path.read_text())
+    budget = int(report["budget"].split("/")[1])
+    kept = report["context"] // BLOCK_SIZE // budget
+    bounds = []
+    for call in report["calls"]:
+        start = call["us_since_first_entry"]["first_chunk"][2]
+        bounds.append(
+            balance_bounds(
+                call["cta_loop_done_us"], report["batch"], report["num_splits"], kept, start
+            )
+        )
+        print(f"main loop end, us: {bounds[-1]}")
+    return bounds
 
 
 def percentiles(x: torch.Tensor) -> list[float]:
@@ -65,6 +128,9 @@ def percentiles(x: torch.Tensor) -> list[float]:
 
 def main() -> None:
     args = parse_args()
+    if args.analyze:
+        analyze(args.analyze)
+        return
     props = torch.cuda.get_device_properties(0)
     gen = torch.Generator("cuda").manual_seed(0)
     shape = Shape(args.batch, args.context, props.L2_cache_size, gen)
@@ -140,9 +206,9 @@ def main() -> None:
                 "cta_loop_done_us": [round(v, 3) for v in loop_done.tolist()],
             }
         )
-        print(f"  loop done, spread between SMs / within an SM: {split}")
         print(f"call {i}: kernel span {max(span) / 1e3:.2f} us (entry of the first CTA to the "
               "last stamp)")  # fmt: skip
+        print(f"  loop done, spread between SMs / within an SM: {split}")
         for name, q in since.items():
             print(f"  {name:12} us since first entry, min/p10/p50/p90/max: {q}")
         for name, q in steps.items():
