@@ -7,7 +7,11 @@ timeline.patch adds the stamps), which makes thread 0 of each CTA record
   chunk landed, 4 main loop done, 5 partials written, 6 merge counted (exit of
   every split but the last), 7 merge done (the last split of a row-head only)
 
-and then its SM (%smid). Per call it also splits the spread of "main loop
+and then its SM (%smid), into the workspace's tail. Each call runs behind a
+GPU busy-wait, over a fresh random block table and selection of a page pool 8x
+the L2 (as ops_sparse_decode.py). Prints, per stamp, the spread over CTAs of
+the time since the earliest entry, and the cycles each interval takes inside
+a CTA. Per call it also splits the spread of "main loop
 done" into its part between SMs (the mean over each SM's CTAs) and within an
 SM, and keeps every CTA's SM and loop-done time in the JSON.
 
@@ -15,11 +19,6 @@ SM, and keeps every CTA's SM and loop-done time in the JSON.
 main loop would have ended had the pages been shared out by each CTA's
 measured speed: among the CTAs of a row-head (work stealing inside a
 row-head), or among all CTAs (balancing across row-heads).
-
-The workspace tail holds them. Each call runs behind a GPU busy-wait, over a
-fresh random block table and selection of a page pool 8x the L2 (as
-ops_sparse_decode.py). Prints, per stamp, the spread over CTAs of the time
-since the earliest entry, and the cycles each interval takes inside a CTA.
 
     python3 benchmarks/attn_timeline.py --batch 16 --context 32768 --budget 16
 """
@@ -48,7 +47,6 @@ from ops_sparse_decode import (  # noqa: E402
 
 from prhs_vllm.ops import cuda as cuda_ops  # noqa: E402
 
-COUNTER_BYTES = 4096 * 4  # kMergeCounters ints at the workspace's start
 SLOTS = 18  # per CTA: 8 globaltimer stamps, 8 clock64 stamps, SM id, spare
 STAMPS = ("entry", "waited", "table", "first_chunk", "loop_done", "partials", "counted", "merged")
 
@@ -89,12 +87,12 @@ def balance_bounds(
     total_pages, total_rate = 0, 0.0
     for c, done in enumerate(loop_done_us):
         x, y = c % grid_x, c // grid_x
-        split = x % splits
-        rate = split_pages(kept, split, splits) / max(done - start_us, 1e-9)
+        pages = split_pages(kept, x % splits, splits)
+        rate = pages / max(done - start_us, 1e-9)
         unit = (x // splits, y)
         rates[unit] = rates.get(unit, 0.0) + rate
         total_rate += rate
-        total_pages += split_pages(kept, split, splits)
+        total_pages += pages
     row_head = max(start_us + kept / r for r in rates.values())
     return {
         "measured_max": round(max(loop_done_us), 3),
@@ -140,7 +138,8 @@ def main() -> None:
     )
     splits = plan["num_splits"]
     ctas = args.batch * NUM_KV_HEADS * plan["head_chunks"] * splits
-    partial_end = COUNTER_BYTES + splits * args.batch * NUM_Q_HEADS * (HEAD_DIM + 1) * 4
+    # The stamps follow the counters and the partials (run() in sparse_decode_dispatch.cuh).
+    partial_end = plan["counter_bytes"] + splits * args.batch * NUM_Q_HEADS * (HEAD_DIM + 1) * 4
     start = (partial_end + 15) // 16 * 16
     if plan["workspace_bytes"] < start + ctas * SLOTS * 8:
         sys.exit("the extension was built without -DPRHS_SD_TIMELINE (no timeline room)")

@@ -348,6 +348,7 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
     for (int f = 0; f < kFillRounds; ++f) {
       const int i = threadIdx.x + f * kThreads;
       if (i >= num_segs_next) break;
+      // From p, not split_slots: a pointer held through the main loop spills.
       const int kept_idx = at.split + (batch + i) / segs_per_page * p.num_splits;
       const int slot = p.kept_slots[at.row_head * p.max_kept + kept_idx];
       const Entry e = table_entry(batch + i, slot, kept);
