@@ -60,6 +60,14 @@ def parse_args() -> argparse.Namespace:
         help="split-K factors to time (0: the kernel's own plan)",
     )
     parser.add_argument(
+        "--stages",
+        type=int,
+        nargs="+",
+        default=[0],
+        choices=[0, 3, 4],
+        help="cp.async ring depths to time (0: the kernel's own plan)",
+    )
+    parser.add_argument(
         "--pad-slots",
         action="store_true",
         help="kept_slots as wide as the row's pages, -1 padded (what the fused selection "
@@ -200,6 +208,7 @@ def bench_sparse(
     l2_bytes: int,
     replays: int,
     splits: int = 0,
+    stages: int = 0,
     pad: bool = False,
     profile: bool = False,
     active_rows: int | None = None,
@@ -211,9 +220,12 @@ def bench_sparse(
     num_calls = calls_for(nbytes, l2_bytes)
     num_kept = torch.full((shape.batch, NUM_KV_HEADS), kept, dtype=torch.int32, device="cuda")
     num_kept[active:] = 0
+    # Ring depth only when asked: gpu_run.sh's A/B runs this script against
+    # trees from before the argument existed.
+    asked = {"stages": stages} if stages else {}
     plan = cuda_ops.split_plan(
         shape.batch, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, width, DTYPE, "cuda",
-        splits,
+        splits, **asked,
     )  # fmt: skip
     workspace = torch.empty(plan["workspace_bytes"], dtype=torch.uint8, device="cuda")
     out = torch.empty_like(shape.query)
@@ -234,6 +246,7 @@ def bench_sparse(
             lse=lse,
             workspace=workspace,
             num_splits=splits,
+            **asked,
         )
 
     calls = [call(shape.block_table(), shape.kept_slots(kept, pad)) for _ in range(num_calls)]
@@ -247,6 +260,8 @@ def bench_sparse(
         "slots_width": width,
         "splits_asked": splits,
         "num_splits": plan["num_splits"],
+        "stages_asked": stages,
+        "stages": plan.get("stages", 3),
         "calls_per_graph": num_calls,
         "time_ms": time_graph(calls, replays),
         "bytes": nbytes,
@@ -281,6 +296,7 @@ def bench_dense(shape: Shape, flash_attn, l2_bytes: int, replays: int) -> dict:
         "budget": "1",
         "kept_pages": shape.pages_per_row,
         "num_splits": None,
+        "stages": None,
         "calls_per_graph": num_calls,
         "time_ms": time_graph(calls, replays),
         "bytes": nbytes,
@@ -305,7 +321,7 @@ def main() -> None:
     rows = []
     header = (
         f"{'kernel':12} {'batch':>5} {'context':>7} {'budget':>6} {'pages':>5} {'splits':>6} "
-        f"{'ms':>8} {'MB read':>8} {'GB/s':>7} {'% ceil':>6} {'vs FA3':>6}"
+        f"{'ring':>4} {'ms':>8} {'MB read':>8} {'GB/s':>7} {'% ceil':>6} {'vs FA3':>6}"
     )
     print(f"{props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes >> 20} MB")
     print(header)
@@ -317,18 +333,20 @@ def main() -> None:
                 results.append(bench_dense(shape, flash_attn, l2_bytes, args.replays))
             for budget in args.budgets:
                 for splits in args.splits:
-                    results.append(
-                        bench_sparse(
-                            shape,
-                            budget,
-                            l2_bytes,
-                            args.replays,
-                            splits=splits,
-                            pad=args.pad_slots,
-                            profile=args.kernel_times,
-                            active_rows=args.active_rows,
-                        )  # fmt: skip
-                    )
+                    for stages in args.stages:
+                        results.append(
+                            bench_sparse(
+                                shape,
+                                budget,
+                                l2_bytes,
+                                args.replays,
+                                splits=splits,
+                                stages=stages,
+                                pad=args.pad_slots,
+                                profile=args.kernel_times,
+                                active_rows=args.active_rows,
+                            )  # fmt: skip
+                        )
             dense_ms = results[0]["time_ms"] if flash_attn is not None else None
             for r in results:
                 r.update(batch=batch, context=context)
@@ -337,9 +355,10 @@ def main() -> None:
                 r["speedup_vs_fa3"] = dense_ms / r["time_ms"] if dense_ms else None
                 speedup = f"{r['speedup_vs_fa3']:6.2f}" if dense_ms else f"{'-':>6}"
                 splits = r["num_splits"] if r["num_splits"] is not None else "-"
+                ring = r["stages"] if r["stages"] is not None else "-"
                 print(
                     f"{r['kernel']:12} {batch:5d} {context:7d} {r['budget']:>6} "
-                    f"{r['kept_pages']:5d} {splits:>6} {r['time_ms']:8.4f} "
+                    f"{r['kept_pages']:5d} {splits:>6} {ring:>4} {r['time_ms']:8.4f} "
                     f"{r['bytes'] / 1e6:8.1f} {r['gb_s']:7.0f} {r['pct_ceiling']:6.1f} {speedup}"
                 )
                 rows.append(r)

@@ -10,15 +10,16 @@ TORCH_LIBRARY(prhs, m) {
   m.def(
       "sparse_paged_decode(Tensor query, Tensor key_cache, Tensor value_cache, "
       "Tensor block_table, Tensor seq_lens, Tensor kept_slots, Tensor num_kept, float scale, "
-      "Tensor(a!) out, Tensor(b!) lse, Tensor(c!) workspace, int num_splits=0) -> ()");
+      "Tensor(a!) out, Tensor(b!) lse, Tensor(c!) workspace, int num_splits=0, int stages=0) "
+      "-> ()");
   m.def(
       "sparse_paged_decode_workspace_size(int max_num_rows, int num_q_heads, int num_kv_heads, "
       "int head_dim, int block_size, int max_kept, ScalarType dtype, int device_index) -> int",
       &sparse_paged_decode_workspace_size);
   m.def(
       "sparse_paged_decode_plan(int num_rows, int num_q_heads, int num_kv_heads, int head_dim, "
-      "int block_size, int max_kept, ScalarType dtype, int device_index, int num_splits=0) "
-      "-> int[]",
+      "int block_size, int max_kept, ScalarType dtype, int device_index, int num_splits=0, "
+      "int stages=0) -> int[]",
       &sparse_paged_decode_plan);
   m.def(
       "update_page_summaries(Tensor key, Tensor slot_mapping, int block_size, "

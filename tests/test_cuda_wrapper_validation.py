@@ -49,6 +49,7 @@ def fake(monkeypatch):
             "merge_in_split": True,
             "counter_bytes": COUNTER_BYTES,
             "dependent_launch": False,
+            "stages": 3,
         }
 
     monkeypatch.setattr(sd, "_KERNEL_DEVICE_TYPE", "cpu")
@@ -201,6 +202,7 @@ BAD = [
     ),
     ("negative_splits", dict(num_splits=-1), "num_splits must be in \\[0, 256\\], got -1"),
     ("too_many_splits", dict(num_splits=257), "num_splits must be in \\[0, 256\\], got 257"),
+    ("unknown_stages", dict(stages=5), "stages must be 0 \\(the plan's\\), 3 or 4, got 5"),
 ]
 
 
@@ -250,16 +252,16 @@ def test_good_arguments_reach_the_op(fake, monkeypatch, device, dtype):
     assert out is args["out"] and lse is args["lse"]
     (sent,) = fake.ops.calls
     names = ["query", "key_cache", "value_cache", "block_table", "seq_lens", "kept_slots"]
-    names += ["num_kept", "scale", "out", "lse", "workspace", "num_splits"]
+    names += ["num_kept", "scale", "out", "lse", "workspace", "num_splits", "stages"]
     for name, value in zip(names, sent, strict=True):
         if name == "scale":
             assert type(value) is float and value == args["scale"]
-        elif name == "num_splits":
+        elif name in ("num_splits", "stages"):
             assert value == 0  # the plan's own choice
         else:
             assert value is args[name], name
     # The workspace size check asked the plan with the call's shapes.
-    assert fake.plans == [(N, HQ, HKV, D, BS, K, dtype, torch.device(device), 0)]
+    assert fake.plans == [(N, HQ, HKV, D, BS, K, dtype, torch.device(device), 0, 0)]
 
 
 def test_good_arguments_without_outputs(fake, monkeypatch):

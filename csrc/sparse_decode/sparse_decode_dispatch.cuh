@@ -23,6 +23,7 @@ constexpr int kMaxDevices = 64;
 struct Plan {
   int group_max;        // query heads per CTA (template GMAX)
   int num_head_chunks;  // ceil(group / group_max)
+  int stages;           // cp.async ring depth (template STAGES)
   int num_splits;
   bool merge_in_split;  // the last split merges (else the combine kernel)
   bool dependent_launch;  // programmatic dependent launch (dependent_launch_allowed)
@@ -52,12 +53,12 @@ inline int group_max_for(int group) {
   return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
 }
 
-template <typename T, int D, int GMAX>
+template <typename T, int D, int GMAX, int STAGES>
 struct Variant {
-  using Tl = Tile<D, GMAX>;
+  using Tl = Tile<D, GMAX, STAGES>;
   static constexpr int kHeadDim = D;
 
-  static auto split_kernel() { return &sparse_decode_split_kernel<T, D, GMAX>; }
+  static auto split_kernel() { return &sparse_decode_split_kernel<T, D, GMAX, STAGES>; }
   static auto combine_kernel() { return &sparse_decode_combine_kernel<T, D>; }
 
   // Opts the kernel into its (> 48 KB) dynamic shared memory on `device` (the
@@ -113,33 +114,43 @@ struct Variant {
   }
 };
 
+template <typename T, int D, int GMAX, typename F>
+cudaError_t with_stages(int stages, F&& f) {
+  switch (stages) {
+    case kShallowStages: return f(Variant<T, D, GMAX, kShallowStages>{});
+    case kDeepStages: return f(Variant<T, D, GMAX, kDeepStages>{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 template <typename T, int D, typename F>
-cudaError_t with_group_max(int group_max, F&& f) {
+cudaError_t with_group_max(int group_max, int stages, F&& f) {
   switch (group_max) {
-    case 1: return f(Variant<T, D, 1>{});
-    case 2: return f(Variant<T, D, 2>{});
-    case 4: return f(Variant<T, D, 4>{});
-    case 8: return f(Variant<T, D, 8>{});
+    case 1: return with_stages<T, D, 1>(stages, f);
+    case 2: return with_stages<T, D, 2>(stages, f);
+    case 4: return with_stages<T, D, 4>(stages, f);
+    case 8: return with_stages<T, D, 8>(stages, f);
     default: return cudaErrorInvalidValue;
   }
 }
 
 template <typename T, typename F>
-cudaError_t with_head_dim(int head_dim, int group_max, F&& f) {
+cudaError_t with_head_dim(int head_dim, int group_max, int stages, F&& f) {
   switch (head_dim) {
-    case 64: return with_group_max<T, 64>(group_max, f);
-    case 128: return with_group_max<T, 128>(group_max, f);
-    case 256: return with_group_max<T, 256>(group_max, f);
+    case 64: return with_group_max<T, 64>(group_max, stages, f);
+    case 128: return with_group_max<T, 128>(group_max, stages, f);
+    case 256: return with_group_max<T, 256>(group_max, stages, f);
     default: return cudaErrorInvalidValue;
   }
 }
 
-// Calls f(Variant<T, D, GMAX>{}) for the runtime dtype / head_dim / group_max.
+// Calls f(Variant<T, D, GMAX, STAGES>{}) for the runtime dtype / head_dim /
+// group_max / stages.
 template <typename F>
-cudaError_t with_variant(DType dtype, int head_dim, int group_max, F&& f) {
+cudaError_t with_variant(DType dtype, int head_dim, int group_max, int stages, F&& f) {
   switch (dtype) {
-    case DType::kBFloat16: return with_head_dim<__nv_bfloat16>(head_dim, group_max, f);
-    case DType::kFloat16: return with_head_dim<__half>(head_dim, group_max, f);
+    case DType::kBFloat16: return with_head_dim<__nv_bfloat16>(head_dim, group_max, stages, f);
+    case DType::kFloat16: return with_head_dim<__half>(head_dim, group_max, stages, f);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -167,33 +178,65 @@ inline int64_t one_wave_splits(int64_t units, int64_t target) {
   return std::max<int64_t>(1, target / units);
 }
 
-// Heads per CTA and the split-K factor: rows x KV heads x head chunks x
-// splits CTAs (one_wave_splits), no split shorter than kMinTokensPerSplit. Depends
-// only on shapes and the device, never on data, so CUDA graphs can replay it.
-// Reads the shape fields of `p` (num_rows ... max_kept, dtype).
-// requested_splits > 0 asks for that many splits (same cap; benchmarks).
-inline cudaError_t make_plan(const Params& p, int device, Plan* plan, int requested_splits = 0) {
+// The busiest SM's share of a one-wave grid of `ctas` CTAs of `pages_per_cta`
+// kept pages each: what the plan minimises over ring depths. H100, 12 / 16 /
+// 32 rows x 8 KV heads x 32K (benchmarks/results/h100-session14/): it picks
+// the faster depth in each of the six shapes timed (1/16 and 1/8), e.g. at
+// 12 rows the deep ring's 4 splits (3 CTAs on the busiest SM x 32 pages,
+// 0.0448 ms) over the shallow one's 5 (4 x 26, 0.0473 ms).
+inline int64_t busiest_sm_pages(int64_t ctas, int64_t pages_per_cta, int64_t sms) {
+  return (ctas + sms - 1) / sms * pages_per_cta;
+}
+
+// Heads per CTA, ring depth and split-K factor: rows x KV heads x head chunks
+// x splits CTAs (one_wave_splits), no split shorter than kMinTokensPerSplit;
+// of the two ring depths the one whose busiest SM has the fewest kept pages
+// (then fewer splits: less to merge; then the shallow ring). Depends only on
+// shapes and the device, never on data, so CUDA graphs can replay it. Reads
+// the shape fields of `p` (num_rows ... max_kept, dtype).
+// requested_splits > 0 asks for that many splits (same cap), requested_stages
+// (kShallowStages or kDeepStages) for that ring (benchmarks, tests).
+inline cudaError_t make_plan(const Params& p, int device, Plan* plan, int requested_splits = 0,
+                             int requested_stages = 0) {
   if (p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0) return cudaErrorInvalidValue;
+  if (requested_stages != 0 && requested_stages != kShallowStages &&
+      requested_stages != kDeepStages) {
+    return cudaErrorInvalidValue;
+  }
   const int group = p.num_q_heads / p.num_kv_heads;
   plan->group_max = group_max_for(group);
   plan->num_head_chunks = (group + plan->group_max - 1) / plan->group_max;
-
-  int ctas_per_sm = 0, sms = 0;
-  cudaError_t err = with_variant(p.dtype, p.head_dim, plan->group_max, [&](auto variant) {
-    return decltype(variant)::prepare(device, &ctas_per_sm, &plan->dependent_launch);
-  });
+  int sms = 0;
+  cudaError_t err = sm_count(device, &sms);
   if (err != cudaSuccess) return err;
-  if ((err = sm_count(device, &sms)) != cudaSuccess) return err;
 
   const int64_t units = int64_t(std::max(p.num_rows, 1)) * p.num_kv_heads * plan->num_head_chunks;
-  const int64_t target = int64_t(sms) * ctas_per_sm;
   const int64_t kept_tokens = int64_t(p.max_kept) * p.block_size;
   const int64_t cap = std::min<int64_t>(
       std::min<int64_t>(kMaxSplits, std::max(p.max_kept, 1)),
       std::max<int64_t>(1, (kept_tokens + kMinTokensPerSplit - 1) / kMinTokensPerSplit));
-  int64_t splits = requested_splits > 0 ? std::min<int64_t>(requested_splits, cap)
-                                        : std::min(one_wave_splits(units, target), cap);
-  plan->num_splits = int(std::max<int64_t>(splits, 1));
+  int64_t best_pages = -1;
+  for (const int stages : {kShallowStages, kDeepStages}) {
+    if (requested_stages != 0 && stages != requested_stages) continue;
+    int ctas_per_sm = 0;
+    bool dependent_launch = false;
+    err = with_variant(p.dtype, p.head_dim, plan->group_max, stages, [&](auto variant) {
+      return decltype(variant)::prepare(device, &ctas_per_sm, &dependent_launch);
+    });
+    if (err != cudaSuccess) return err;
+    const int64_t target = int64_t(sms) * ctas_per_sm;
+    const int64_t splits = std::max<int64_t>(
+        1, requested_splits > 0 ? std::min<int64_t>(requested_splits, cap)
+                                : std::min(one_wave_splits(units, target), cap));
+    const int64_t pages = busiest_sm_pages(units * splits, (std::max(p.max_kept, 1) + splits - 1) / splits, sms);
+    if (best_pages >= 0 && (pages > best_pages || (pages == best_pages && splits >= plan->num_splits))) {
+      continue;
+    }
+    best_pages = pages;
+    plan->stages = stages;
+    plan->num_splits = int(splits);
+    plan->dependent_launch = dependent_launch;
+  }
   plan->merge_in_split = plan->num_splits > 1 && units <= kMergeCounters;
   plan->workspace_bytes = plan->num_splits == 1
                               ? 0
@@ -234,7 +277,7 @@ inline cudaError_t run(Params p, const Plan& plan, void* workspace, cudaStream_t
                       ? nullptr
                       : p.partial_out + size_t(plan.num_splits) * p.num_rows * p.num_q_heads *
                                             p.head_dim;
-  return with_variant(p.dtype, p.head_dim, plan.group_max,
+  return with_variant(p.dtype, p.head_dim, plan.group_max, plan.stages,
                       [&](auto variant) {
                         return decltype(variant)::launch(p, plan.dependent_launch, stream);
                       });

@@ -4,7 +4,7 @@
 // of its share once and applies it to all (up to GMAX) query heads of the KV
 // head's group. Threads are laid out as kRows token rows x kLanes lanes; a
 // lane owns 8 channels (one 16-byte vector) of every row it touches. K/V go
-// global -> shared through a kStages-deep cp.async ring in which each thread
+// global -> shared through a STAGES-deep cp.async ring in which each thread
 // reads back only its own copies, so the main loop needs no barrier. Every
 // token row keeps its own online-softmax state; rows are merged once at the
 // end through shared memory. With num_splits > 1 the CTA writes a partial
@@ -29,7 +29,11 @@ namespace prhs {
 namespace sparse_decode {
 
 constexpr int kThreads = 128;
-constexpr int kStages = 3;
+// cp.async ring depths (the STAGES template argument): shallow fits 4 CTAs an
+// SM (GMAX <= 4), deep 3 with 50% more bytes in flight each; the plan picks
+// (make_plan in sparse_decode_dispatch.cuh).
+constexpr int kShallowStages = 3;
+constexpr int kDeepStages = 4;
 constexpr int kTokensPerThread = 4;  // rows per thread per stage
 constexpr int kSegment = 16;         // tokens; every page size is a multiple
 constexpr int kSegmentCap = 256;     // segments whose addresses sit in smem at once
@@ -42,15 +46,19 @@ constexpr int kCombineWarps = 4;
 constexpr int kMergeCounters = 4096;
 constexpr float kLn2 = 0.693147180559945309f;
 
-template <int D, int GMAX>
+template <int D, int GMAX, int STAGES>
 struct Tile {
   static constexpr int kVec = 8;                           // elements per 16 bytes
   static constexpr int kLanes = D / kVec;                  // threads per token row
   static constexpr int kRows = kThreads / kLanes;          // token rows per pass
-  static constexpr int kChunk = kRows * kTokensPerThread;  // tokens per stage
+  // Rows per thread per stage: kTokensPerThread, or more where a stage would
+  // otherwise hold less than a segment.
+  static constexpr int kU = kRows * kTokensPerThread >= kSegment ? kTokensPerThread
+                                                                  : kSegment / kRows;
+  static constexpr int kChunk = kRows * kU;  // tokens per stage
   static constexpr int kSegsPerChunk = kChunk / kSegment;
   static constexpr int kStageElems = 2 * kChunk * D;  // K rows, then V rows
-  static constexpr int kPipeBytes = kStages * kStageElems * 2;  // 2-byte bf16 / fp16
+  static constexpr int kPipeBytes = STAGES * kStageElems * 2;  // 2-byte bf16 / fp16
   static constexpr int kMergeBytes = kRows * GMAX * (D + 2) * 4;
   static constexpr int kMainBytes = kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes;
   static constexpr int kSmemBytes = kMainBytes + kSegmentCap * (8 + 4);
@@ -140,12 +148,12 @@ __device__ __forceinline__ CtaPlace cta_place(const Params& p) {
   return at;
 }
 
-template <typename T, int D, int GMAX>
-__global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
+template <typename T, int D, int GMAX, int STAGES>
+__global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : STAGES <= kShallowStages ? 4 : 3)
     sparse_decode_split_kernel(const Params p) {
-  using Tl = Tile<D, GMAX>;
+  using Tl = Tile<D, GMAX, STAGES>;
   constexpr int kVec = Tl::kVec, kLanes = Tl::kLanes, kRows = Tl::kRows;
-  constexpr int kChunk = Tl::kChunk, kU = kTokensPerThread;
+  constexpr int kChunk = Tl::kChunk, kU = Tl::kU;
   const float kNegInf = -INFINITY;
 
   extern __shared__ __align__(16) unsigned char smem[];
@@ -255,7 +263,7 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
     // Token r of a stage is row r % kRows of pass r / kRows: thread `trow`
     // owns rows trow, trow + kRows, ... of every stage.
     auto issue = [&](int chunk) {
-      T* k_dst = pipe + (chunk % kStages) * Tl::kStageElems + lane * kVec;
+      T* k_dst = pipe + (chunk % STAGES) * Tl::kStageElems + lane * kVec;
       T* v_dst = k_dst + kChunk * D;
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
@@ -270,7 +278,7 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
     };
 
     auto compute = [&](int chunk) {
-      const T* k_src = pipe + (chunk % kStages) * Tl::kStageElems + lane * kVec;
+      const T* k_src = pipe + (chunk % STAGES) * Tl::kStageElems + lane * kVec;
       const T* v_src = k_src + kChunk * D;
       float s[kU][GMAX];
 #pragma unroll
@@ -329,14 +337,14 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : 4)
     };
 
 #pragma unroll
-    for (int st = 0; st < kStages - 1; ++st) {
+    for (int st = 0; st < STAGES - 1; ++st) {
       if (st < num_chunks) issue(st);
       cp_async_commit();
     }
     for (int chunk = 0; chunk < num_chunks; ++chunk) {
-      cp_async_wait<kStages - 2>();
+      cp_async_wait<STAGES - 2>();
       // Refills the slot that this thread emptied in the previous iteration.
-      if (chunk + kStages - 1 < num_chunks) issue(chunk + kStages - 1);
+      if (chunk + STAGES - 1 < num_chunks) issue(chunk + STAGES - 1);
       cp_async_commit();
       compute(chunk);
     }

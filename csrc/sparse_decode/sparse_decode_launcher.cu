@@ -55,6 +55,15 @@ sd::Params shape_params(int64_t num_rows, int64_t num_q_heads, int64_t num_kv_he
   return p;
 }
 
+// What a benchmark or test may ask of the plan: a split count, a ring depth.
+void check_plan_requests(int64_t num_splits, int64_t stages) {
+  TORCH_CHECK(num_splits >= 0 && num_splits <= sd::kMaxSplits, "num_splits must be in [0, ",
+              sd::kMaxSplits, "], got ", num_splits);
+  TORCH_CHECK(stages == 0 || stages == sd::kShallowStages || stages == sd::kDeepStages,
+              "stages must be 0 (the plan's), ", sd::kShallowStages, " or ", sd::kDeepStages,
+              ", got ", stages);
+}
+
 void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "prhs sparse_paged_decode: ", what, ": ",
               cudaGetErrorString(err));
@@ -66,7 +75,8 @@ void sparse_paged_decode(const at::Tensor& query, const at::Tensor& key_cache,
                          const at::Tensor& value_cache, const at::Tensor& block_table,
                          const at::Tensor& seq_lens, const at::Tensor& kept_slots,
                          const at::Tensor& num_kept, double scale, at::Tensor& out,
-                         at::Tensor& lse, at::Tensor& workspace, int64_t num_splits) {
+                         at::Tensor& lse, at::Tensor& workspace, int64_t num_splits,
+                         int64_t stages) {
   TORCH_CHECK(query.is_cuda(), "query must be a CUDA tensor");
   TORCH_CHECK(query.dim() == 3, "query must be [N, Hq, D]");
   TORCH_CHECK(key_cache.dim() == 4, "key_cache must be [P, Hkv, block_size, D]");
@@ -116,9 +126,10 @@ void sparse_paged_decode(const at::Tensor& query, const at::Tensor& key_cache,
   const c10::cuda::CUDAGuard guard(query.device());
   const int device = query.device().index();
   sd::Plan plan;
-  TORCH_CHECK(num_splits >= 0 && num_splits <= sd::kMaxSplits, "num_splits must be in [0, ",
-              sd::kMaxSplits, "], got ", num_splits);
-  check_cuda(sd::make_plan(p, device, &plan, static_cast<int>(num_splits)), "plan");
+  check_plan_requests(num_splits, stages);
+  check_cuda(
+      sd::make_plan(p, device, &plan, static_cast<int>(num_splits), static_cast<int>(stages)),
+      "plan");
   TORCH_CHECK(workspace.nbytes() >= plan.workspace_bytes, "workspace holds ",
               workspace.nbytes(), " bytes, this call needs ", plan.workspace_bytes,
               " (size it with sparse_paged_decode_workspace_size)");
@@ -170,14 +181,14 @@ std::vector<int64_t> sparse_paged_decode_plan(int64_t num_rows, int64_t num_q_he
                                               int64_t num_kv_heads, int64_t head_dim,
                                               int64_t block_size, int64_t max_kept,
                                               at::ScalarType dtype, int64_t device_index,
-                                              int64_t num_splits) {
+                                              int64_t num_splits, int64_t stages) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index));
   const sd::Params p =
       shape_params(num_rows, num_q_heads, num_kv_heads, head_dim, block_size, max_kept, dtype);
   sd::Plan plan;
-  TORCH_CHECK(num_splits >= 0 && num_splits <= sd::kMaxSplits, "num_splits must be in [0, ",
-              sd::kMaxSplits, "], got ", num_splits);
-  check_cuda(sd::make_plan(p, static_cast<int>(device_index), &plan, static_cast<int>(num_splits)),
+  check_plan_requests(num_splits, stages);
+  check_cuda(sd::make_plan(p, static_cast<int>(device_index), &plan, static_cast<int>(num_splits),
+                           static_cast<int>(stages)),
              "plan");
   const int64_t counter_bytes = plan.num_splits > 1 ? static_cast<int64_t>(sd::kCounterBytes) : 0;
   return {plan.group_max,
@@ -186,5 +197,6 @@ std::vector<int64_t> sparse_paged_decode_plan(int64_t num_rows, int64_t num_q_he
           static_cast<int64_t>(plan.workspace_bytes),
           plan.merge_in_split ? 1 : 0,
           counter_bytes,
-          plan.dependent_launch ? 1 : 0};
+          plan.dependent_launch ? 1 : 0,
+          plan.stages};
 }

@@ -76,7 +76,7 @@ def num_splits(query, key, kept_slots, asked: int = 0):
     return plan_of(query, key, kept_slots, asked)["num_splits"]
 
 
-def plan_of(query, key, kept_slots, asked: int = 0):
+def plan_of(query, key, kept_slots, asked: int = 0, stages: int = 0):
     return cuda_ops.split_plan(
         query.shape[0],
         query.shape[1],
@@ -87,6 +87,7 @@ def plan_of(query, key, kept_slots, asked: int = 0):
         query.dtype,
         query.device,
         asked,
+        stages,
     )
 
 
@@ -125,6 +126,37 @@ def test_matches_reference_one_split(gen, group, head_dim):
     args = inputs_and_slots(gen, lens, 8, group, head_dim, 16, torch.bfloat16)
     assert num_splits(args[0], args[1], args[5], asked=1) == 1
     check(*args, num_splits=1)
+
+
+@pytest.mark.parametrize("stages", [3, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("group", [pytest.param(g, id=f"gqa{g}") for g in (1, 4, 8)])
+def test_both_ring_depths_match_reference(gen, group, head_dim, dtype, stages):
+    """Each cp.async ring depth, asked for, on split-K and one-split shapes."""
+    for lens, splits in ((LENS, 0), (LENS[:3], 1)):
+        args = inputs_and_slots(gen, lens, 2, group, head_dim, 16, dtype)
+        assert plan_of(args[0], args[1], args[5], splits, stages)["stages"] == stages
+        check(*args, num_splits=splits, stages=stages)
+
+
+@pytest.mark.parametrize("rows", [1, 12, 16, 32])
+def test_plan_picks_the_ring_whose_busiest_sm_reads_least(rows):
+    """The plan's ring depth and splits give its busiest SM no more kept pages
+    than the other depth's plan would (LLaMA-3-8B attention at 32K, 1/16)."""
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    shape = (rows, 32, 8, 128, 16, 128, torch.bfloat16, DEVICE)
+
+    def busiest_sm_pages(plan):
+        ctas = rows * 8 * plan["head_chunks"] * plan["num_splits"]
+        return -(-ctas // sms) * -(-128 // plan["num_splits"])
+
+    chosen = cuda_ops.split_plan(*shape)
+    for stages in (3, 4):
+        other = cuda_ops.split_plan(*shape, 0, stages)
+        assert other["stages"] == stages
+        assert busiest_sm_pages(chosen) <= busiest_sm_pages(other), (chosen, other)
+    assert chosen == cuda_ops.split_plan(*shape, 0, chosen["stages"])
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 64, 256])

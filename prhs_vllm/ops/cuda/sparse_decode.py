@@ -108,15 +108,18 @@ def split_plan(
     dtype: torch.dtype,
     device: torch.device | str | int,
     num_splits: int = 0,
+    stages: int = 0,
 ) -> dict[str, int]:
     """How one call is cut up: query heads per CTA, CTAs per KV head group,
     split-K factor, workspace bytes, whether the last split merges the
     partials (else a second kernel does), the bytes of the workspace's
-    leading arrival counters, and whether the kernel is a programmatic
-    dependent launch (Hopper; PRHS_SPARSE_DECODE_PDL=0 turns it off)
-    (num_splits > 0: the plan that asks for that split-K factor, as
-    ``sparse_paged_decode_indexed`` takes it)."""
-    group_max, head_chunks, splits, nbytes, merge_in_split, counter_bytes, dependent = _plan(
+    leading arrival counters, whether the kernel is a programmatic
+    dependent launch (Hopper; PRHS_SPARSE_DECODE_PDL=0 turns it off), and the
+    depth of its cp.async ring (3: 4 CTAs an SM, 4: 3 CTAs; the plan picks the
+    one whose busiest SM reads the fewest pages)
+    (num_splits > 0 / stages > 0: the plan that asks for that split-K factor
+    / ring depth, as ``sparse_paged_decode_indexed`` takes them)."""
+    group_max, head_chunks, splits, nbytes, merge_in_split, counter_bytes, dependent, depth = _plan(
         num_rows,
         num_q_heads,
         num_kv_heads,
@@ -126,6 +129,7 @@ def split_plan(
         dtype,
         _device_index(device),
         num_splits,
+        stages,
     )
     return {
         "heads_per_cta": group_max,
@@ -135,6 +139,7 @@ def split_plan(
         "merge_in_split": bool(merge_in_split),
         "counter_bytes": counter_bytes,
         "dependent_launch": bool(dependent),
+        "stages": depth,
     }
 
 
@@ -149,12 +154,13 @@ def _plan(
     dtype: torch.dtype,
     device_index: int,
     num_splits: int = 0,
+    stages: int = 0,
 ) -> tuple[int, ...]:
     """The plan depends only on shapes and the device (never on data), so one
     op call per distinct shape is enough: later calls are a dict lookup."""
     plan = _ops().sparse_paged_decode_plan(
         num_rows, num_q_heads, num_kv_heads, head_dim, block_size, max_kept, dtype, device_index,
-        num_splits,
+        num_splits, stages,
     )  # fmt: skip
     return tuple(int(x) for x in plan)
 
@@ -170,6 +176,7 @@ _SEGMENT = 16  # tokens per kept segment: block_size must be a multiple
 _ALIGN = 16  # bytes: the kernels use 16-byte vector loads and stores
 _VECTOR = 8  # elements of 16 bits in 16 bytes: row strides must be multiples
 _MAX_SPLITS = 256  # kMaxSplits in csrc/sparse_decode/sparse_decode_kernel.cuh
+_STAGES = (0, 3, 4)  # the plan's; kShallowStages, kDeepStages (sparse_decode_kernel.cuh)
 # The device type the kernels run on; tests of the checks on CPU tensors patch it.
 _KERNEL_DEVICE_TYPE = "cuda"
 
@@ -346,7 +353,9 @@ def check_workspace(workspace: torch.Tensor, device: torch.device, need: int) ->
         _fail(f"workspace must be {_ALIGN}-byte aligned (data_ptr {workspace.data_ptr():#x})")
 
 
-def _call_plan(query, key_cache, kept_slots, num_splits: int = 0) -> dict[str, int]:
+def _call_plan(
+    query, key_cache, kept_slots, num_splits: int = 0, stages: int = 0
+) -> dict[str, int]:
     num_rows, num_q_heads, head_dim = query.shape
     return split_plan(
         num_rows,
@@ -358,6 +367,7 @@ def _call_plan(query, key_cache, kept_slots, num_splits: int = 0) -> dict[str, i
         query.dtype,
         query.device,
         num_splits,
+        stages,
     )
 
 
@@ -421,6 +431,7 @@ def sparse_paged_decode_indexed(
     lse: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
     num_splits: int = 0,
+    stages: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA version of the reference of the same name (same arguments, same
     results up to float32 summation order).
@@ -442,6 +453,8 @@ def sparse_paged_decode_indexed(
             per-device workspace is used (and grown outside graph capture).
         num_splits: 0 lets the plan pick the split-K factor; > 0 (at most 256)
             asks for that many (benchmarks: the workspace must fit that plan).
+        stages: 0 lets the plan pick the kernel's cp.async ring depth; 3 or 4
+            asks for that one (benchmarks, tests; same workspace caveat).
     Returns:
         (out [N, Hq, D], lse [N, Hq] float32; 0 and -inf where nothing is visible).
     Raises:
@@ -455,7 +468,9 @@ def sparse_paged_decode_indexed(
     )
     if not 0 <= num_splits <= _MAX_SPLITS:
         _fail(f"num_splits must be in [0, {_MAX_SPLITS}], got {num_splits}")
-    plan = _call_plan(query, key_cache, kept_slots, num_splits)
+    if stages not in _STAGES:
+        _fail(f"stages must be 0 (the plan's), 3 or 4, got {stages}")
+    plan = _call_plan(query, key_cache, kept_slots, num_splits, stages)
     need = plan["workspace_bytes"]
     if workspace is not None:
         check_workspace(workspace, query.device, need)
@@ -482,5 +497,6 @@ def sparse_paged_decode_indexed(
         lse,
         workspace,
         num_splits,
+        stages,
     )
     return out, lse
