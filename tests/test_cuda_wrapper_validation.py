@@ -274,7 +274,7 @@ def test_good_arguments_without_outputs(fake, monkeypatch):
     (sent,) = fake.ops.calls
     assert out.shape == (N, HQ, D) and out.dtype == torch.bfloat16
     assert lse.shape == (N, HQ) and lse.dtype == torch.float32
-    assert sent[-4] is out and sent[-3] is lse and sent[-2].numel() == NEED
+    assert sent[-5] is out and sent[-4] is lse and sent[-3].numel() == NEED
 
 
 def test_fa_layout_cache_views_pass(fake):
@@ -332,7 +332,7 @@ def test_wrapper_workspaces_are_zero_filled(fake, monkeypatch):
     del args["workspace"]
     call(args)
     (sent,) = fake.ops.calls
-    assert (sent[-2] == 0).all()
+    assert (sent[-3] == 0).all()
     allocated = sd._zeroed_workspace(NEED, torch.device("cpu"))
     assert (allocated == 0).all() and allocated.numel() == NEED
 
