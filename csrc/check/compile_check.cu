@@ -1,61 +1,12 @@
-// CI check: instantiates every sparse decode kernel (bf16/fp16 x head_dim
-// 64/128/256 x GMAX 1/2/4/8 x both ring depths), every page-summary update, fused cache write
-// and page scoring kernel, and their host dispatch without torch, so the
-// kernels compile on machines with nvcc but no CUDA torch. Never run.
+// CI check: the host dispatch without torch, which instantiates every sparse
+// decode kernel (bf16/fp16 x head_dim 64/128/256 x GMAX 1/2/4/8 x both ring
+// depths), page-summary update, fused cache write and page scoring kernel, so
+// the kernels compile on machines with nvcc but no CUDA torch. Never run.
 #include "../sparse_decode/sparse_decode_dispatch.cuh"
 #include "../scoring/page_logits_kernel.cuh"
 #include "../summaries/update_summaries_kernel.cuh"
 
 namespace sd = prhs::sparse_decode;
-
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 64, 1, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 64, 1, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 64, 2, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 64, 2, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 64, 4, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 64, 4, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 64, 8, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 64, 8, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 128, 1, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 128, 1, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 128, 2, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 128, 2, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 128, 4, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 128, 4, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 128, 8, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 128, 8, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 256, 1, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 256, 1, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 256, 2, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 256, 2, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 256, 4, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 256, 4, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 256, 8, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__nv_bfloat16, 256, 8, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 64, 1, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 64, 1, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 64, 2, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 64, 2, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 64, 4, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 64, 4, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 64, 8, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 64, 8, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 128, 1, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 128, 1, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 128, 2, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 128, 2, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 128, 4, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 128, 4, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 128, 8, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 128, 8, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 256, 1, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 256, 1, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 256, 2, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 256, 2, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 256, 4, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 256, 4, sd::kDeepStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 256, 8, sd::kShallowStages>(const sd::Params);
-template __global__ void sd::sparse_decode_split_kernel<__half, 256, 8, sd::kDeepStages>(const sd::Params);
 
 // The host path (plan, dispatch, launches) of every variant.
 cudaError_t prhs_compile_check(sd::Params p, void* workspace, cudaStream_t stream) {

@@ -51,11 +51,7 @@ struct Tile {
   static constexpr int kVec = 8;                           // elements per 16 bytes
   static constexpr int kLanes = D / kVec;                  // threads per token row
   static constexpr int kRows = kThreads / kLanes;          // token rows per pass
-  // Rows per thread per stage: kTokensPerThread, or more where a stage would
-  // otherwise hold less than a segment.
-  static constexpr int kU = kRows * kTokensPerThread >= kSegment ? kTokensPerThread
-                                                                  : kSegment / kRows;
-  static constexpr int kChunk = kRows * kU;  // tokens per stage
+  static constexpr int kChunk = kRows * kTokensPerThread;  // tokens per stage
   static constexpr int kSegsPerChunk = kChunk / kSegment;
   static constexpr int kStageElems = 2 * kChunk * D;  // K rows, then V rows
   static constexpr int kPipeBytes = STAGES * kStageElems * 2;  // 2-byte bf16 / fp16
@@ -153,7 +149,7 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : STAGES <= kShallowSt
     sparse_decode_split_kernel(const Params p) {
   using Tl = Tile<D, GMAX, STAGES>;
   constexpr int kVec = Tl::kVec, kLanes = Tl::kLanes, kRows = Tl::kRows;
-  constexpr int kChunk = Tl::kChunk, kU = Tl::kU;
+  constexpr int kChunk = Tl::kChunk, kU = kTokensPerThread;
   const float kNegInf = -INFINITY;
 
   extern __shared__ __align__(16) unsigned char smem[];
