@@ -369,8 +369,9 @@ class PrhsConfig(BaseModel):
             "batches up to this many requests also hold the sparse step, so a decode step "
             "with sparse rows replays one graph instead of launching attention layer by "
             "layer; larger decode batches with sparse rows run piecewise. 0 = never (the "
-            "default: no end-to-end gain was measured yet; graph memory grows with it and "
-            "with max_model_len)."
+            "default: +13% / +10% decode throughput measured at batch 4 / 8 x 32K, level "
+            "at 12, but its graph memory, which grows with it and with max_model_len, is "
+            "not yet measured at vLLM's default max_num_seqs)."
         ),
     )
     """Largest decode batch whose full CUDA graph holds the sparse step (0 = none)."""

@@ -1,0 +1,33 @@
+"""benchmarks/read_floor.py without a GPU: how many buffers a timed graph cycles through."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "read_floor", ROOT / "benchmarks" / "read_floor.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_buffers_cover_four_l2_sizes_and_at_least_two():
+    read_floor = load()
+    l2 = 50 << 20
+    for nbytes in (1 << 20, 33_500_000, 134_200_000, 2_147_000_000):
+        count = read_floor.buffer_count(nbytes, l2)
+        assert count >= 2
+        assert count * nbytes >= 4 * l2 or count == 2
+        # No more than needed: one fewer would not cover 4x L2 (or would be < 2).
+        assert (count - 1) * nbytes < 4 * l2 or count == 2
+    assert read_floor.buffer_count(134_200_000, l2) == 2
+    assert read_floor.buffer_count(33_500_000, l2) == 7
