@@ -259,6 +259,10 @@ def main() -> None:
         if section:
             kwargs["additional_config"] = {"prhs": section}
     llm = LLM(**kwargs)
+    # Device-wide, so it holds in either engine mode: weights, KV pool and the
+    # CUDA graphs vLLM captured at start-up (compare runs of one machine).
+    free, total = torch.cuda.mem_get_info()
+    device_used_gib = round((total - free) / 2**30, 3)
 
     generator = torch.Generator().manual_seed(0)
     prompts = [
@@ -333,9 +337,12 @@ def main() -> None:
         result["host_cpu_ms_per_step_runs"] = [round(c, 3) for c in per_step]
     result["gpu_memory_utilization"] = args.gpu_memory_utilization
     result.update(kv_capacity(llm, args))
+    result["device_used_gib_after_init"] = device_used_gib
     try:
-        from prhs_vllm.metrics import read_totals
+        from prhs_vllm.metrics import flush_process_stats, read_totals
 
+        if result["in_process"]:
+            flush_process_stats()  # the steps since the last interval's flush
         totals = read_totals()
         result["prhs_totals"] = totals
         if totals and totals.get("prhs_sparse_decode_tokens"):

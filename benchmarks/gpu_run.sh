@@ -3,7 +3,7 @@
 # results in $OUT. Phases: setup, tests, ops, ops-int8, ab-attention, ab-attention-parts, ab-ops, ab-e2e, bucket-rows, sweep,
 # sweep-scoring, sweep-search, sweep-splits, profile,
 # e2e, e2e-16, e2e-int8, fallback, fallback-ab, fallback-cpu, fallback-stacks, fallback-bisect,
-# graphs, e2e-full:dense|full|piecewise, e2e-full-compare.
+# graphs, e2e-full:dense|full|piecewise, e2e-full-compare, full-graph-memory.
 #   bash benchmarks/gpu_run.sh setup tests ops
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -211,6 +211,26 @@ EOF
       "${e2e[@]}" "${args[@]}" --context 32768 --gpu-memory-utilization 0.95 --in-process \
         --repeats 3 --max-num-seqs "${E2E_SEQS:-16}" "${extra[@]}" \
         --out "$out/e2e_full_graphs.jsonl" 2>&1 | grep '^{' | cut -c1-300 ;;
+    full-graph-memory)  # what full_graph_max_rows costs in memory with vLLM's default-size
+      # graph set (max_num_seqs $E2E_SEQS, default 256) and a long context ($CTX, default
+      # 130048): 1 row, full_graph_max_rows 0 then $FULL_ROWS (default 8). Prints device
+      # memory after start-up, the KV pool, vLLM's graph-capture lines and tok/s.
+      for rows in 0 "${FULL_ROWS:-8}"; do
+        "${e2e[@]}" --batch 1 --output-len 32 --backend prhs --config configs/int8.yaml \
+          --set budget=0.0625 --set full_graph_max_rows="$rows" --context "${CTX:-130048}" \
+          --gpu-memory-utilization 0.95 --in-process --repeats 1 \
+          --max-num-seqs "${E2E_SEQS:-256}" --out "$out/e2e_graph_memory.jsonl" \
+          > "$out/graph_memory_rows$rows.log" 2>&1
+        grep -iE "graph capturing|cuda graph|KV cache" "$out/graph_memory_rows$rows.log" | cut -c1-200
+      done
+      python3 - "$out/e2e_graph_memory.jsonl" <<'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(r["overrides"], "used GiB", r.get("device_used_gib_after_init"), "KV tokens",
+          r.get("kv_cache_tokens"), "tok/s", r["decode_tok_per_s"])
+EOF
+      ;;
     e2e-full-compare)  # the e2e-full runs: tok/s, and whether greedy tokens equal the first run's
       python3 - "$out/e2e_full_graphs.jsonl" <<'EOF'
 import json, sys

@@ -198,6 +198,16 @@ def process_stats() -> StepStats:
     return _STATS
 
 
+def flush_process_stats() -> bool:
+    """Write this process's totals now, if it has recorded any (an engine in
+    this process: its file otherwise lags by up to the flush interval, which is
+    all of a short run's last second). Returns whether it wrote."""
+    if _STATS is None:
+        return False
+    _STATS.maybe_flush(force=True)
+    return True
+
+
 def read_totals(directory: str | None = None) -> dict[str, float] | None:
     """Sum the stats files of all worker processes of this server.
 

@@ -223,6 +223,25 @@ def test_worker_flush_round_trips_through_collector(tmp_path, monkeypatch):
     assert totals["prhs_certified_dropped_mass_sum"] == pytest.approx(1.2)
 
 
+def test_flush_process_stats_writes_only_a_process_with_stats(tmp_path, monkeypatch):
+    monkeypatch.setenv(metrics.STATS_DIR_ENV, str(tmp_path / "stats"))
+    monkeypatch.setenv(metrics.FLUSH_INTERVAL_ENV, "3600")  # only forced flushes write
+    monkeypatch.setattr(metrics, "_STATS", None)
+    assert metrics.flush_process_stats() is False
+    assert metrics.read_totals() is None  # a dense run leaves no file
+
+    stats = metrics.process_stats()
+    stats.record_step(sparse_rows=2, dense_decode_rows=0)
+    stats.maybe_flush(force=True)
+    stats.record_step(sparse_rows=3, dense_decode_rows=1)
+    stats.maybe_flush()  # within the interval: not written
+    assert metrics.read_totals()["prhs_sparse_decode_tokens"] == 2
+    assert metrics.flush_process_stats() is True
+    totals = metrics.read_totals()
+    assert totals["prhs_sparse_decode_tokens"] == 5
+    assert totals["prhs_dense_decode_tokens"] == 1
+
+
 def test_device_totals_added_by_graphs_are_counted():
     """Step graphs add their rows' stats into registered device tensors and
     the host counts only rows: the totals equal record_rows of the same rows."""
