@@ -214,11 +214,12 @@ EOF
     full-graph-memory)  # what full_graph_max_rows costs in memory with vLLM's default-size
       # graph set (max_num_seqs $E2E_SEQS, default 256) and a long context ($CTX, default
       # 130048): 1 row, full_graph_max_rows 0 then $FULL_ROWS (default 8). Prints device
-      # memory after start-up, the KV pool, vLLM's graph-capture lines and tok/s.
+      # memory after start-up, the KV pool, vLLM's graph-capture lines and tok/s
+      # (median of $E2E_REPEATS runs, default 3).
       for rows in 0 "${FULL_ROWS:-8}"; do
         "${e2e[@]}" --batch 1 --output-len 32 --backend prhs --config configs/int8.yaml \
           --set budget=0.0625 --set full_graph_max_rows="$rows" --context "${CTX:-130048}" \
-          --gpu-memory-utilization 0.95 --in-process --repeats 1 \
+          --gpu-memory-utilization 0.95 --in-process --repeats "${E2E_REPEATS:-3}" \
           --max-num-seqs "${E2E_SEQS:-256}" --out "$out/e2e_graph_memory.jsonl" \
           > "$out/graph_memory_rows$rows.log" 2>&1
         grep -iE "graph capturing|cuda graph|KV cache" "$out/graph_memory_rows$rows.log" | cut -c1-200
