@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--ceiling-tbs", type=float, default=3.04, help="copy ceiling, TB/s")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("read_floor.py needs a CUDA GPU")
     props = torch.cuda.get_device_properties(0)
     l2_bytes = getattr(props, "L2_cache_size", 50 << 20)
     rows = []

@@ -31,3 +31,15 @@ def test_buffers_cover_four_l2_sizes_and_at_least_two():
         assert (count - 1) * nbytes < 4 * l2 or count == 2
     assert read_floor.buffer_count(134_200_000, l2) == 2
     assert read_floor.buffer_count(33_500_000, l2) == 7
+
+
+def test_without_a_gpu_it_exits_with_a_message(monkeypatch):
+    read_floor = load()
+    monkeypatch.setattr(read_floor.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["read_floor.py"])
+    try:
+        read_floor.main()
+    except SystemExit as exc:
+        assert "needs a CUDA GPU" in str(exc.code)
+    else:
+        raise AssertionError("main() ran without a GPU")
