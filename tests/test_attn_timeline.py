@@ -1,10 +1,10 @@
 """benchmarks/attn_timeline.py's analysis (no GPU): how a CTA's pages are
 counted, and the balance bounds published with session 13's timeline."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "h100-session13"
@@ -12,11 +12,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "h100-session13"
 
 @pytest.fixture(scope="module")
 def timeline():
-    path = ROOT / "benchmarks" / "attn_timeline.py"
-    spec = importlib.util.spec_from_file_location("attn_timeline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("attn_timeline")
 
 
 @pytest.mark.parametrize("kept, splits", [(7, 3), (128, 4), (2, 5), (0, 2), (16, 1)])

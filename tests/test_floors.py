@@ -1,10 +1,10 @@
 """benchmarks/floors.py: the bytes floors published with the speed targets."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "h100-session12"
@@ -12,10 +12,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "h100-session12"
 
 @pytest.fixture(scope="module")
 def floors():
-    spec = importlib.util.spec_from_file_location("floors", ROOT / "benchmarks" / "floors.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("floors")
 
 
 @pytest.mark.parametrize("dtype", ["int8", "float32"])

@@ -1,27 +1,12 @@
 """benchmarks/read_floor.py without a GPU: how many buffers a timed graph cycles through."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "read_floor", ROOT / "benchmarks" / "read_floor.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+from benchmark_scripts import load_benchmark
 
 
 def test_buffers_cover_four_l2_sizes_and_at_least_two():
-    read_floor = load()
+    read_floor = load_benchmark("read_floor")
     l2 = 50 << 20
     for nbytes in (1 << 20, 33_500_000, 134_200_000, 2_147_000_000):
         count = read_floor.buffer_count(nbytes, l2)
@@ -34,7 +19,7 @@ def test_buffers_cover_four_l2_sizes_and_at_least_two():
 
 
 def test_without_a_gpu_it_exits_with_a_message(monkeypatch):
-    read_floor = load()
+    read_floor = load_benchmark("read_floor")
     monkeypatch.setattr(read_floor.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(sys, "argv", ["read_floor.py"])
     try:

@@ -211,9 +211,10 @@ inline cudaError_t make_plan(const Params& p, int device, Plan* plan, int reques
   if (err != cudaSuccess) return err;
 
   const int64_t units = int64_t(std::max(p.num_rows, 1)) * p.num_kv_heads * plan->num_head_chunks;
+  const int64_t kept_pages = std::max(p.max_kept, 1);
   const int64_t kept_tokens = int64_t(p.max_kept) * p.block_size;
   const int64_t cap = std::min<int64_t>(
-      std::min<int64_t>(kMaxSplits, std::max(p.max_kept, 1)),
+      std::min<int64_t>(kMaxSplits, kept_pages),
       std::max<int64_t>(1, (kept_tokens + kMinTokensPerSplit - 1) / kMinTokensPerSplit));
   int64_t best_pages = -1;
   for (const int stages : {kShallowStages, kDeepStages}) {
@@ -228,10 +229,11 @@ inline cudaError_t make_plan(const Params& p, int device, Plan* plan, int reques
     const int64_t splits = std::max<int64_t>(
         1, requested_splits > 0 ? std::min<int64_t>(requested_splits, cap)
                                 : std::min(one_wave_splits(units, target), cap));
-    const int64_t pages = busiest_sm_pages(units * splits, (std::max(p.max_kept, 1) + splits - 1) / splits, sms);
-    if (best_pages >= 0 && (pages > best_pages || (pages == best_pages && splits >= plan->num_splits))) {
-      continue;
-    }
+    const int64_t pages =
+        busiest_sm_pages(units * splits, (kept_pages + splits - 1) / splits, sms);
+    const bool better = best_pages < 0 || pages < best_pages ||
+                        (pages == best_pages && splits < plan->num_splits);
+    if (!better) continue;
     best_pages = pages;
     plan->stages = stages;
     plan->num_splits = int(splits);
