@@ -22,11 +22,8 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 LLAMA3_8B = {
@@ -101,59 +98,6 @@ def gpu_busy_line(prof) -> str:
     )
 
 
-class StackSampler:
-    """Samples one thread's Python stack every ``interval_s`` (a sampling
-    profiler that, unlike torch's, adds no work to each op): where a
-    host-bound loop spends its time, including waits inside C calls (the
-    Python line that called them is on top)."""
-
-    def __init__(self, thread_id: int, interval_s: float = 0.002) -> None:
-        self.thread_id, self.interval_s = thread_id, interval_s
-        self.self_lines: Counter = Counter()
-        self.inclusive: Counter = Counter()
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> StackSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            frame = sys._current_frames().get(self.thread_id)
-            if frame is None:
-                continue
-            self.samples += 1
-            code = frame.f_code
-            self.self_lines[f"{code.co_filename}:{frame.f_lineno} {code.co_name}"] += 1
-            seen = set()
-            while frame is not None:
-                code = frame.f_code
-                name = f"{code.co_filename}:{code.co_firstlineno} {code.co_name}"
-                if name not in seen:
-                    seen.add(name)
-                    self.inclusive[name] += 1
-                frame = frame.f_back
-
-    def report(self, top: int = 45) -> str:
-        def table(counter: Counter) -> str:
-            return "\n".join(
-                f"{100 * n / max(self.samples, 1):6.1f}%  {where}"
-                for where, n in counter.most_common(top)
-            )
-
-        return (
-            f"{self.samples} samples, every {self.interval_s * 1e3:.1f} ms\n\n"
-            f"## on top of the stack (file:line function)\n{table(self.self_lines)}\n\n"
-            f"## anywhere on the stack (file:first line function)\n{table(self.inclusive)}\n"
-        )
-
-
 def parse_override(text: str) -> tuple[str, object]:
     """``key=value`` with a YAML value (``budget=0.0625``, ``centroid_dtype=int8``)."""
     import yaml
@@ -202,12 +146,6 @@ def parse_args() -> argparse.Namespace:
         help="run the engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)",
     )
     parser.add_argument(
-        "--sample-stacks",
-        default=None,
-        help="sample the engine's Python stack during a last decode run; report here "
-        "(runs the engine in-process)",
-    )
-    parser.add_argument(
         "--cached-prefix",
         action="store_true",
         help="prefix caching on: the timed runs re-use the warm-up's prompts (decode only)",
@@ -230,7 +168,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
-    if args.profile or args.sample_stacks or args.in_process:
+    if args.profile or args.in_process:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process
     import torch
     from vllm import LLM, SamplingParams
@@ -304,11 +242,6 @@ def main() -> None:
         table += prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
         table += "\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
         Path(args.profile).write_text(f"profiled run: {t_profiled:.3f} s\n" + table)
-    if args.sample_stacks:
-        # After the timed runs: the sampler's own cost stays out of the timing.
-        with StackSampler(threading.get_ident()) as sampler:
-            t_sampled, _ = timed(1 + args.output_len)
-        Path(args.sample_stacks).write_text(f"sampled run: {t_sampled:.3f} s\n" + sampler.report())
     decode_s = statistics.median(decode_runs)
     result = {
         "backend": args.backend,

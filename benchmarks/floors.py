@@ -1,20 +1,22 @@
-"""Bytes floors of the issue's speed targets: the fastest a step can be when
+"""Bytes floors of the speed targets: the fastest a step can be when
 every byte it must read moves at the copy ceiling.
 
 Two floors, for LLaMA-3-8B attention shapes (32 query / 8 KV heads, d = 128,
 16-token bf16 pages) unless told otherwise:
 
 - one layer's sparse step (`ops.py`'s whole step): the kept pages' K and V plus
-  every page's summary, against the issue's 0.07 ms at 16 x 32K and 1/16;
+  every page's summary, against the 0.07 ms target at 16 x 32K and 1/16;
 - one decode step of the whole model end to end: the weights' GEMMs (as
   profiled), the dense layers' full KV, and each sparse layer's kept KV plus
   summaries, against 3x the measured dense throughput at 12 x 32K.
 
 Nothing runs on a GPU: the inputs are shapes and measured numbers, passed as
-arguments (defaults: the H100 numbers in benchmarks/results/h100-session11/ and
-h100-session12/). Prints a table; --out writes it as JSON.
+arguments (defaults: an H100 profile's GEMM time and the dense throughput in
+benchmarks/results/2026-11-h100-e2e-batch/). Prints a table; --out writes it as JSON.
+--measured OPS_JSON sets each row of an ops.py result against the floor of its
+shape (its bytes_min must be the floor's bytes; no whole step can beat it).
 
-  python benchmarks/floors.py --out benchmarks/results/h100-session12/floors.json
+  python benchmarks/floors.py --out benchmarks/results/2026-11-h100-floors/floors.json
 """
 
 from __future__ import annotations
@@ -48,12 +50,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--dense-layers", type=int, default=2, help="config dense_layers (0, 1)")
     p.add_argument(
-        "--gemm-ms", type=float, default=5.2, help="weights' GEMMs a step (session 11 profile)"
+        "--gemm-ms", type=float, default=5.2, help="weights' GEMMs a step (H100 profile, 12 x 32K)"
     )
     p.add_argument(
-        "--dense-tok-s", type=float, default=507.9, help="dense decode tok/s (session 12)"
+        "--dense-tok-s", type=float, default=507.9, help="dense decode tok/s at 12 x 32K (H100)"
     )
     p.add_argument("--speedup-target", type=float, default=3.0)
+    p.add_argument("--measured", default=None, help="an ops.py JSON to check against floors")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -122,6 +125,28 @@ def step_floor(args) -> dict:
     }
 
 
+def measured_rows(path, args) -> list[dict]:
+    """Each row of an ops.py JSON against the one-layer floor of its own shape."""
+    checked = []
+    for row in json.loads(Path(path).read_text())["rows"]:
+        shape = argparse.Namespace(**vars(args))
+        shape.centroid_dtype = row["centroid_dtype"]
+        shape.budget = 1 / int(row["budget"].split("/")[1])
+        floor_bytes = int(sum(sparse_layer_bytes(row["batch"], row["context"], shape).values()))
+        floor_ms = ms_at_ceiling(floor_bytes, shape)
+        checked.append(
+            {
+                **{k: row[k] for k in ("batch", "context", "budget", "centroid_dtype")},
+                "bytes_min": row["bytes_min"],
+                "floor_bytes": floor_bytes,
+                "whole_ms": row["whole_ms"],
+                "floor_ms": round(floor_ms, 4),
+                "below_floor": row["whole_ms"] < floor_ms,
+            }
+        )
+    return checked
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     result = {
@@ -147,6 +172,14 @@ def main(argv=None) -> dict:
         f"{args.speedup_target}x dense ({step['dense_step_ms']}): at best "
         f"{step['best_speedup']}x"
     )
+    if args.measured:
+        result["measured"] = measured_rows(args.measured, args)
+        for m in result["measured"]:
+            print(
+                f"measured {m['batch']} x {m['context']} {m['budget']} {m['centroid_dtype']}: "
+                f"{m['whole_ms']:.4f} ms, floor {m['floor_ms']} ms; bytes {m['bytes_min']} "
+                f"(floor's {m['floor_bytes']})" + (" BELOW THE FLOOR" if m["below_floor"] else "")
+            )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

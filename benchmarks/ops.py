@@ -5,8 +5,7 @@ compaction and attention, exactly as the backend runs them (`prhs_vllm.ops`)
 LLaMA-3-8B attention (32 query / 8 KV heads, d=128, 16-token pages, bf16),
 fixed-budget selection (delta=0: keep up to the cap), random keys. "selection"
 is the fused Triton kernel (keep mask and compacted slot lists in one launch);
-"selection_k16" the same kernel with a 16-ary threshold search (a launch option),
-"selection_torch" the torch path it replaced, for comparison. Each time is
+"scoring_triton" the Triton scoring, which serves what csrc does not. Each time is
 the median over CUDA-graph replays (graphs hold several calls over distinct
 page sets, so reads come from HBM; ``ops_sparse_decode.time_graph`` hides the
 host's launch of each replay); "eager" re-times the whole step without a
@@ -49,10 +48,8 @@ from prhs_vllm.ops.ref.quant import (  # noqa: E402
     round_outward_bf16,
     summary_bytes,
 )
-from prhs_vllm.ops.ref.selection import SelectionParams, select_from_logits  # noqa: E402
-from prhs_vllm.ops.ref.sparse_decode_indexed import compact_keep  # noqa: E402
+from prhs_vllm.ops.ref.selection import SelectionParams  # noqa: E402
 from prhs_vllm.ops.triton import select_compact  # noqa: E402
-from prhs_vllm.ops.triton.selection import _select_compact  # noqa: E402
 
 COPY_CEILING_GBS = 3040.0
 CENTROID_DTYPES = ("float32", "int8", "int4")
@@ -113,6 +110,13 @@ def flashinfer_decode(shape: Shape):
     return lambda: wrapper.run(shape.query, kv)
 
 
+def bytes_min(batch: int, kept_pages: int, pages: int, centroid_dtype: str) -> int:
+    """What the whole step must read: the kept pages' K and V (bf16) and every
+    page's summary, for each row and KV head."""
+    kept = batch * NUM_KV_HEADS * kept_pages * BLOCK_SIZE * HEAD_DIM * 2 * 2
+    return kept + batch * NUM_KV_HEADS * pages * summary_bytes(HEAD_DIM, centroid_dtype)
+
+
 def bench(
     batch: int, context: int, budget: int, l2: int, replays: int, gen, flash,
     centroid_dtype: str = "float32",
@@ -147,12 +151,6 @@ def bench(
     def selection():  # fused: keep mask, compacted slot lists, kept mass, dropped bound
         return select_compact(logits, seq, params)
 
-    def selection_k16():  # the same kernel, 16 thresholds a round (8 rounds, not 31)
-        return _select_compact(logits, seq, params, search=16)
-
-    def selection_torch():  # the torch path it replaced (select_from_logits + compact_keep)
-        return compact_keep(select_from_logits(logits, seq, params).keep)
-
     sel = selection()
     keep, compact = sel.keep, (sel.kept_slots, sel.num_kept)
 
@@ -175,8 +173,6 @@ def bench(
         ("scoring", scoring),
         ("scoring_triton", scoring_triton),
         ("selection", selection),
-        ("selection_k16", selection_k16),
-        ("selection_torch", selection_torch),
         ("attention", attention),
         ("whole", whole),
     ]:
@@ -208,9 +204,7 @@ def bench(
             row["flashinfer_dense_ms"] = time_eager(fi, replays)
     except Exception as exc:  # API drift across FlashInfer versions: record, go on
         row["flashinfer_error"] = f"{type(exc).__name__}: {exc}"[:200]
-    kept_bytes = batch * NUM_KV_HEADS * row["kept_pages"] * BLOCK_SIZE * HEAD_DIM * 2 * 2
-    summary_total = batch * NUM_KV_HEADS * pages * summary_bytes(HEAD_DIM, centroid_dtype)
-    row["bytes_min"] = kept_bytes + summary_total
+    row["bytes_min"] = bytes_min(batch, row["kept_pages"], pages, centroid_dtype)
     row["whole_pct_ceiling"] = (
         100 * row["bytes_min"] / (row["whole_ms"] * 1e-3) / 1e9 / (COPY_CEILING_GBS)
     )
@@ -233,7 +227,7 @@ def main() -> None:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     flash, why = load_flash_attn()
     rows = []
-    cols = ["scoring", "scoring_triton", "selection", "selection_k16", "selection_torch"]
+    cols = ["scoring", "scoring_triton", "selection"]
     cols += ["attention", "whole", "whole_eager"]
     page_head = summary_bytes(HEAD_DIM, args.centroid_dtype)
     print(f"summaries: {args.centroid_dtype} ({page_head} B a page-head)")

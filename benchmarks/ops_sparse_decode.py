@@ -4,17 +4,17 @@ against dense FlashAttention-3 at LLaMA-3-8B decode shapes (32 query heads,
 layout), and writes the table as JSON.
 
     python3 setup.py build_ext --inplace
-    python3 benchmarks/ops_sparse_decode.py --out benchmarks/results/ops_sparse_decode_h100.json
+    python3 benchmarks/ops_sparse_decode.py --out ops_sparse_decode_h100.json
 
 Each measurement replays a CUDA graph of several calls that read different
 pages of a pool several times the L2 size, so the bytes come from HBM as in a
 real decode step (where the other layers evict this one's pages); the time is
 the median over replays divided by the calls per graph. Each replay is queued
-behind a GPU busy-wait, so the host's launch of the graph (several us, which
-sessions before 13 counted in) overlaps it and the events time the GPU's work
-alone: kernels and the gaps between them, as in a model's graph. Pass
---time-host-launch for the old timing. "bytes" counts only what must be read:
-the kept (sparse) or all (dense) K and V pages.
+behind a GPU busy-wait, so the host's launch of the graph (several us)
+overlaps it and the events time the GPU's work alone: kernels and the gaps
+between them, as in a model's graph (--time-host-launch counts the launch in).
+"bytes" counts only what must be read: the kept (sparse) or all (dense) K and
+V pages.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def parse_args() -> argparse.Namespace:
         "--time-host-launch",
         action="store_true",
         help="start the events with the GPU idle, so each replay's time includes the host's "
-        "launch of the graph (the timing before session 13)",
+        "launch of the graph (the older timing)",
     )
     parser.add_argument("--ceiling-tbs", type=float, default=3.04, help="copy ceiling, TB/s")
     parser.add_argument("--no-dense", action="store_true", help="skip FlashAttention-3")

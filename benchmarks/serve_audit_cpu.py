@@ -6,7 +6,7 @@ tokens, kept fraction, reused selections (time axis), and, from the audit,
 the true dropped mass against the estimate and the certified bound.
 
     python benchmarks/serve_audit_cpu.py --config configs/reuse-int8.yaml \
-        --out benchmarks/results/cpu-serve-audit/reuse-int8.json
+        --out benchmarks/results/2026-11-cpu-serve-audit/reuse-int8.json
 """
 
 from __future__ import annotations

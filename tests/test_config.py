@@ -133,6 +133,16 @@ def test_module_main_prints_reference():
     assert out.stdout == config_reference_markdown()
 
 
+def test_readme_config_reference_is_generated():
+    """The README's config table is `python -m prhs_vllm.config`'s output,
+    verbatim, on the lines between its two markers."""
+    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    assert text.count(start) == 1 and text.count(end) == 1
+    between = text.split(start, 1)[1].split(end, 1)[0]
+    assert between == config_reference_markdown()
+
+
 # --------------------------------------------------------------------------- shipped files
 
 
