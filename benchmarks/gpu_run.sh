@@ -11,7 +11,7 @@ out=${OUT:-/tmp/prhs-out}; mkdir -p "$out"
 # Decode timed from cached prefixes (see e2e_decode.py).
 e2e=(python3 benchmarks/e2e_decode.py --batch 12 --output-len 64 --cached-prefix)
 # prhs as measured end to end: int8 centroids at a 1/16 budget.
-int8=(--backend prhs --config configs/int8.yaml --set budget=0.0625)
+int8=(--backend prhs --config configs/fixed-budget.yaml)
 # The attention alone at 32K, both budgets (attention, ab-attention).
 attn=(benchmarks/ops_sparse_decode.py --contexts 32768 --budgets 16 8 --no-dense --replays 50)
 # A base tree built next to this one (ab-attention, ab-ops, ab-e2e): make it here first,
@@ -194,7 +194,7 @@ EOF
       build_base
       for run in ${AB_RUNS:-1 2}; do
         (cd "$base" && PYTHONPATH="$base" "${e2e[@]}" --backend prhs \
-          --config "$OLDPWD/configs/int8.yaml" --set budget=0.0625 --context 32768 \
+          --config "$OLDPWD/configs/fixed-budget.yaml" --context 32768 \
           --gpu-memory-utilization 0.95 --in-process --repeats 3 \
           --out "$out/e2e_ab_before.jsonl" 2>&1 | grep '^{' | cut -c1-240)
         "${e2e[@]}" "${int8[@]}" --context 32768 --gpu-memory-utilization 0.95 --in-process \

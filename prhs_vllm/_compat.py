@@ -6,7 +6,10 @@ Each shim says why it exists, how it works, and when it can go.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import importlib
 import importlib.metadata
 import logging
 import re
@@ -366,3 +369,93 @@ def step_contexts(runner, scheduler_output):
         query_lens.append(num_new)
         seq_lens.append(2**62 if idx is None else int(computed[idx]) + num_new)
     return torch.tensor(query_lens, dtype=torch.long), torch.tensor(seq_lens, dtype=torch.long)
+
+
+# Set while vLLM runs a batch of its own (start-up warm-up, profiling, a dummy
+# batch): the metadata builder then plans nothing sparse and counts no step.
+# A context variable: set and read on the thread that runs the worker's steps.
+_WARMUP = contextvars.ContextVar("prhs_warmup", default=False)
+
+#: (module, class, method) of vLLM's entry points for batches of its own
+#: (modules every worker imports, the CPU worker too). _dummy_run of model
+#: runner v1 (which the CPU runner inherits) and v2 (which the CPU v2 runner
+#: inherits): every profiling, compile, kernel-warm-up, CPU warm-up
+#: (`warming_up_model` -> `profile_run`) and DP-idle (`execute_dummy_batch`)
+#: batch. Worker.compile_or_warm_up_model: also the GPU warm-up that runs fake
+#: scheduler steps through the real `execute_model`, which no dummy-run flag
+#: marks (0.26 - 0.32: model runner v2's `gpu/warmup.py:warmup_kernels`, and
+#: `run_mixed_prefill_decode_warmup` from `kernel_warmup`).
+WARMUP_ENTRY_POINTS = (
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_dummy_run"),
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "_dummy_run"),
+    ("vllm.v1.worker.gpu_worker", "Worker", "compile_or_warm_up_model"),
+)
+
+
+def in_warmup() -> bool:
+    """Whether the current step is a batch of vLLM's own (``warmup_steps``)."""
+    return _WARMUP.get()
+
+
+@contextlib.contextmanager
+def warmup_steps():
+    """Mark the steps run inside as vLLM's own batches (``in_warmup``); nests."""
+    token = _WARMUP.set(True)
+    try:
+        yield
+    finally:
+        _WARMUP.reset(token)
+
+
+def mark_as_warmup(cls: Any, name: str) -> bool:
+    """Wrap method ``name`` of ``cls`` so that it runs inside ``warmup_steps``;
+    False where ``cls`` has no such method. Idempotent."""
+    method = getattr(cls, name, None)
+    if method is None or not callable(method):
+        return False
+    if getattr(method, "_prhs_warmup", False):
+        return True
+
+    @functools.wraps(method)
+    def marked(*args, **kwargs):
+        with warmup_steps():
+            return method(*args, **kwargs)
+
+    marked._prhs_warmup = True  # type: ignore[attr-defined]
+    setattr(cls, name, marked)
+    return True
+
+
+def mark_warmup_steps(entry_points=WARMUP_ENTRY_POINTS) -> list[str]:
+    """Keep vLLM's own batches out of the step counts; returns the entry points
+    marked ("module.Class.method").
+
+    Why: vLLM's start-up profiling, compile and kernel warm-up, and the dummy
+    batches of an idle data-parallel rank, build attention metadata through
+    the builder's ``build`` like a scheduled step (only CUDA-graph capture has
+    ``build_for_cudagraph_capture``), and nothing the builder receives
+    (CommonAttentionMetadata) tells them apart: on an H100 with vLLM 0.26,
+    1024 dense decode tokens were counted before the first request (as many
+    as the rows of the v2 runner's ``warmup_kernels`` decode step:
+    max_num_seqs). How: wrap the entry points in ``entry_points`` (those
+    this vLLM has) so that everything they run happens inside
+    ``warmup_steps``, which the builder reads (``in_warmup``). The CPU
+    worker's own module is left out: importing ``cpu_worker`` replaces
+    torch's device APIs with CPU no-ops, and its warm-up runs through
+    ``_dummy_run``. Remove when: vLLM marks its own batches in what it hands
+    the builder.
+    """
+    marked = []
+    for module_name, class_name, method in entry_points:
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            continue
+        if mark_as_warmup(cls, method):
+            marked.append(f"{module_name}.{class_name}.{method}")
+    if not marked:
+        logger.warning(
+            "prhs: none of vLLM's warm-up entry points was found; warm-up batches "
+            "count as decode steps in the prhs metrics"
+        )
+    return marked

@@ -34,10 +34,25 @@ METRICS: dict[str, tuple[str, str]] = {
     "prhs_sparse_layer_rows": ("counter", "Sparse (token, layer) attention calls."),
     "prhs_pages_kept": ("counter", "KV pages read by sparse attention, summed over KV heads."),
     "prhs_context_pages": ("counter", "KV pages holding context in sparse steps, same sum."),
-    "prhs_est_dropped_mass_sum": ("counter", "Sum of estimated dropped mass per (row, KV head)."),
+    "prhs_est_dropped_mass_sum": (
+        "counter",
+        "Sum of the estimated dropped mass per scored (row, layer, KV head): the sparse "
+        "attention's exact kept mass against the raised estimate of the dropped pages.",
+    ),
     "prhs_certified_dropped_mass_sum": (
         "counter",
-        "Sum of certified upper bounds on dropped mass per (row, KV head).",
+        "Sum of certified upper bounds on dropped mass per (row, KV head); computed only "
+        "with delta_control: certified or in audit mode (0 otherwise).",
+    ),
+    "prhs_capped_selections": (
+        "counter",
+        "(row, layer, KV head) selections the budget cap stopped before the estimated "
+        "dropped mass reached delta (over_budget: cap): their dropped mass may exceed delta.",
+    ),
+    "prhs_all_pages_selections": (
+        "counter",
+        "(row, layer, KV head) selections that would have exceeded the budget before "
+        "reaching delta and read every page instead (over_budget: dense; exact).",
     ),
     "prhs_head_selections": ("counter", "Number of (row, layer, KV head) selections."),
     "prhs_audit_true_dropped_mass_sum": (
@@ -64,6 +79,10 @@ METRICS: dict[str, tuple[str, str]] = {
         "sums cover these (a reused selection has neither).",
     ),
 }
+EST_DROPPED_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+"""Upper edges of the ``prhs_est_dropped_mass`` histogram (``+Inf`` is the scored count)."""
+_HISTOGRAM_FIELDS = tuple(f"prhs_est_dropped_mass_le_{edge}" for edge in EST_DROPPED_BUCKETS)
+"""Cumulative counts of scored selections whose estimated dropped mass is <= each edge."""
 _DEVICE_FIELDS = (
     "prhs_pages_kept",
     "prhs_context_pages",
@@ -74,7 +93,14 @@ _DEVICE_FIELDS = (
     "prhs_audit_bound_violations",
     "prhs_reused_selections",
     "prhs_scored_selections",
+    "prhs_capped_selections",
+    "prhs_all_pages_selections",
+    *_HISTOGRAM_FIELDS,
 )
+_FIELDS = (*METRICS, *_HISTOGRAM_FIELDS)
+"""Every total a stats file holds."""
+OVER_BUDGET_WARN_SHARE = 0.1
+"""Share of a log window's scored selections over the budget that the log warns about."""
 
 
 def ensure_stats_dir_env() -> str:
@@ -90,12 +116,13 @@ class StepStats:
     """Per-process accumulator. Device counters stay on the device until flush."""
 
     def __init__(self) -> None:
-        self._host: dict[str, float] = {name: 0.0 for name in METRICS}
+        self._host: dict[str, float] = {name: 0.0 for name in _FIELDS}
         self._device: Any = None  # torch tensor [len(_DEVICE_FIELDS)] float64
         # (tensor, field names): counters that CUDA graphs add into on replay.
         self._device_totals: list[tuple[Any, tuple[str, ...]]] = []
         self._last_flush = 0.0
         self._last_log = time.monotonic()
+        self._logged: dict[str, float] = dict(self._host)  # totals at the last log line
         self._flush_interval = float(os.environ.get(FLUSH_INTERVAL_ENV, "1.0"))
         self.log_interval_s = 30.0
 
@@ -130,7 +157,7 @@ class StepStats:
         """Counts the sums that device code accumulates into ``totals`` from now
         on: [len(fields)] float64, zero at registration, one value per metric
         name in ``fields`` (default: the ``layer_row_stats`` columns)."""
-        unknown = [name for name in fields or () if name not in METRICS]
+        unknown = [name for name in fields or () if name not in _FIELDS]
         if unknown:
             raise ValueError(f"unknown metric names {unknown}")
         self._device_totals.append((totals, tuple(fields or _DEVICE_FIELDS)))
@@ -160,16 +187,50 @@ class StepStats:
         if self.log_interval_s > 0 and now - self._last_log >= self.log_interval_s:
             self._last_log = now
             logger.info("prhs stats: %s", format_summary(totals))
+            warning = over_budget_warning(self._logged, totals)
+            if warning:
+                logger.warning("prhs: %s", warning)
+            self._logged = totals
+
+
+def over_budget_warning(before: dict[str, float], after: dict[str, float]) -> str | None:
+    """The warning for a log window (totals ``before`` -> ``after``) in which more
+    than ``OVER_BUDGET_WARN_SHARE`` of the scored selections hit the budget
+    before the estimated dropped mass reached delta; None otherwise."""
+
+    def window(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    scored = window("prhs_scored_selections")
+    capped, dense = window("prhs_capped_selections"), window("prhs_all_pages_selections")
+    if scored <= 0 or (capped + dense) / scored <= OVER_BUDGET_WARN_SHARE:
+        return None
+    if capped:
+        return (
+            f"{capped / scored:.0%} of the last window's (row, layer, KV head) selections hit "
+            "the budget cap before their estimated dropped mass reached delta, so they may "
+            "drop more than delta: raise `budget`, set `over_budget: dense` (exact where the "
+            "cap binds) or raise `delta`"
+        )
+    return (
+        f"{dense / scored:.0%} of the last window's (row, layer, KV head) selections needed "
+        "more than the budget to reach delta and read every page (exact, no saving): raise "
+        "`budget` or `delta`, or raise `min_context` so that such requests decode dense"
+    )
 
 
 def format_summary(totals: dict[str, float]) -> str:
-    """One line: sparse tokens, kept fraction, mean estimated / certified dropped mass."""
+    """One line: sparse tokens, kept fraction, mean estimated dropped mass, share
+    of selections over the budget (and the certified bound where computed)."""
     heads = totals.get("prhs_head_selections", 0.0)
     scored = totals.get("prhs_scored_selections", heads)
     pages = totals.get("prhs_context_pages", 0.0)
     kept = totals["prhs_pages_kept"] / pages if pages else 0.0
     est = totals["prhs_est_dropped_mass_sum"] / scored if scored else 0.0
-    cert = totals["prhs_certified_dropped_mass_sum"] / scored if scored else 0.0
+    cert_sum = totals.get("prhs_certified_dropped_mass_sum", 0.0)
+    cert = f" certified_dropped={cert_sum / scored:.4f}" if cert_sum and scored else ""
+    over = totals.get("prhs_capped_selections", 0.0) + totals.get("prhs_all_pages_selections", 0.0)
+    over_share = over / scored if scored else 0.0
     reused = totals.get("prhs_reused_selections", 0.0) / heads if heads else 0.0
     audited = totals.get("prhs_audit_selections", 0.0)
     audit = ""
@@ -182,7 +243,7 @@ def format_summary(totals: dict[str, float]) -> str:
     return (
         f"sparse_tokens={int(totals['prhs_sparse_decode_tokens'])} "
         f"dense_decode_tokens={int(totals['prhs_dense_decode_tokens'])} "
-        f"kept_fraction={kept:.3f} est_dropped={est:.4f} certified_dropped={cert:.4f}"
+        f"kept_fraction={kept:.3f} est_dropped={est:.4f} over_budget={over_share:.3f}{cert}"
         f" reused={reused:.3f}{audit}"
     )
 
@@ -219,7 +280,7 @@ def read_totals(directory: str | None = None) -> dict[str, float] | None:
     files = list(Path(directory).glob("prhs-*.json"))
     if not files:
         return None
-    totals = {name: 0.0 for name in METRICS}
+    totals = {name: 0.0 for name in _FIELDS}
     for path in files:
         try:
             data = json.loads(path.read_text())
@@ -234,7 +295,11 @@ class PrhsCollector:
     """Prometheus collector reading the worker stats files at scrape time."""
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
 
         totals = read_totals()
         if totals is None:
@@ -247,6 +312,17 @@ class PrhsCollector:
             "prhs_kept_fraction",
             "Fraction of context pages read by sparse attention (cumulative).",
             value=totals["prhs_pages_kept"] / pages if pages else 0.0,
+        )
+        buckets = [
+            (str(edge), totals[name])
+            for edge, name in zip(EST_DROPPED_BUCKETS, _HISTOGRAM_FIELDS, strict=True)
+        ]
+        buckets.append(("+Inf", totals["prhs_scored_selections"]))
+        yield HistogramMetricFamily(
+            "prhs_est_dropped_mass",
+            "Estimated dropped attention mass per scored (row, layer, KV head) selection.",
+            buckets=buckets,
+            sum_value=totals["prhs_est_dropped_mass_sum"],
         )
 
 
@@ -272,8 +348,8 @@ def num_device_fields() -> int:
 
 
 def layer_row_stats(
-    keep_counts, num_pages, est_kept_mass, certified_dropped, true_dropped=None,
-    delta: float = 0.0, reused=None,
+    keep_counts, num_pages, est_dropped, certified_dropped=None, true_dropped=None,
+    delta: float = 0.0, reused=None, over_budget=None, dense_over: bool = False,
 ):  # fmt: skip
     """Per-row contributions to the device counters (``_DEVICE_FIELDS``).
 
@@ -281,46 +357,82 @@ def layer_row_stats(
 
     Args:
         keep_counts: [N, Hkv] int pages kept; num_pages: [N] int pages of context;
-        est_kept_mass, certified_dropped: [N, Hkv] float32.
+        est_dropped: [N, Hkv] float32 estimated dropped mass.
+        certified_dropped: [N, Hkv] float32 certified bound, or None (not computed).
         true_dropped: [N, Hkv] float32 from dense attention (audit mode), or None.
         delta: the layer's target, for the audit's over-delta count.
         reused: [N, Hkv] bool selections taken from an earlier step, or None.
+        over_budget: [N, Hkv] bool the cap bound before delta was met, or None.
+        dense_over: those selections read every page (over_budget: dense).
     Returns:
         [N, len(_DEVICE_FIELDS)] float64.
     """
     import torch
 
-    num_rows, num_heads = est_kept_mass.shape
+    num_rows, num_heads = est_dropped.shape
     # One float32 [N, Hkv, K] table written column by column and one float64
     # reduction: a launch or two per column instead of a conversion and a
     # reduction each (the counts are exact in float32 below 2**24).
     table = torch.zeros(
         (num_rows, num_heads, len(_DEVICE_FIELDS)), dtype=torch.float32,
-        device=est_kept_mass.device,
+        device=est_dropped.device,
     )  # fmt: skip
     column = {name: table[..., i] for i, name in enumerate(_DEVICE_FIELDS)}
-    est_dropped = column["prhs_est_dropped_mass_sum"]
+    est = column["prhs_est_dropped_mass_sum"]
     certified = column["prhs_certified_dropped_mass_sum"]
     column["prhs_pages_kept"].copy_(keep_counts)
     column["prhs_context_pages"].copy_(num_pages[:, None])
-    torch.clamp(1.0 - est_kept_mass, min=0, out=est_dropped)
-    certified.copy_(certified_dropped)
+    torch.clamp(est_dropped, min=0, max=1, out=est)
+    if certified_dropped is not None:
+        certified.copy_(certified_dropped)
     scored = None
     if reused is None:
         column["prhs_scored_selections"].fill_(1)
     else:
         scored = ~reused
-        est_dropped.mul_(scored)
+        est.mul_(scored)
         certified.mul_(scored)
         column["prhs_reused_selections"].copy_(reused)
         column["prhs_scored_selections"].copy_(scored)
+    start = _DEVICE_FIELDS.index(_HISTOGRAM_FIELDS[0])
+    hist = table[..., start : start + len(EST_DROPPED_BUCKETS)]
+    edges = _bucket_edges(est.device)
+    if edges is None:  # first use inside a graph capture: no host-to-device copy
+        for i, edge in enumerate(EST_DROPPED_BUCKETS):
+            hist[..., i].copy_(est <= edge)
+    else:
+        hist.copy_(est[..., None] <= edges)
+    if scored is not None:
+        hist.mul_(scored[..., None])
+    if over_budget is not None:
+        name = "prhs_all_pages_selections" if dense_over else "prhs_capped_selections"
+        column[name].copy_(over_budget if scored is None else over_budget & scored)
     if true_dropped is not None:
-        # 1e-4: float32 rounding of masses near 1, not a real violation. A reused
-        # selection has no bound to violate.
-        violated = certified_dropped < true_dropped - 1e-4
-        if scored is not None:
-            violated &= scored
         column["prhs_audit_true_dropped_mass_sum"].copy_(true_dropped)
         column["prhs_audit_over_delta"].copy_(true_dropped > delta)
-        column["prhs_audit_bound_violations"].copy_(violated)
+        if certified_dropped is not None:
+            # 1e-4: float32 rounding of masses near 1, not a real violation. A
+            # reused selection has no bound to violate.
+            violated = certified_dropped < true_dropped - 1e-4
+            if scored is not None:
+                violated &= scored
+            column["prhs_audit_bound_violations"].copy_(violated)
     return table.sum(1, dtype=torch.float64)
+
+
+_EDGES: dict = {}
+
+
+def _bucket_edges(device):
+    """[len(EST_DROPPED_BUCKETS)] float32 edges on ``device``, made on first use
+    outside a CUDA graph capture (None while capturing before that)."""
+    import torch
+
+    edges = _EDGES.get(device)
+    if edges is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        edges = _EDGES[device] = torch.tensor(
+            EST_DROPPED_BUCKETS, dtype=torch.float32, device=device
+        )
+    return edges

@@ -23,6 +23,8 @@ CONFIGS = REPO / "configs"
 FIELDS = [
     "budget",
     "delta",
+    "over_budget",
+    "dropped_weight",
     "sink_tokens",
     "local_tokens",
     "block_pages",
@@ -63,8 +65,9 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
 
 def test_defaults():
     cfg = PrhsConfig()
-    assert cfg.budget == 0.125
+    assert cfg.budget == 1.0
     assert cfg.delta == 0.05
+    assert cfg.over_budget == "dense" and cfg.dropped_weight == 0.1
     assert cfg.sink_tokens == 64
     assert cfg.local_tokens == 256
     assert cfg.block_pages == 1
@@ -117,7 +120,10 @@ def test_reference_markdown():
     for name, line in zip(FIELDS, lines[2:], strict=True):
         assert line.startswith(f"| `{name}` |")
         assert PrhsConfig.model_fields[name].description in line
-    assert "| `budget` | float, > 0, <= 1 | `0.125` |" in md
+    assert "| `budget` | float, > 0, <= 1 | `1.0` |" in md
+    # A `|` inside a cell (the type `int | None`) is escaped, or the row breaks.
+    for line in lines:
+        assert line.replace("\\|", "").count("|") == 5, line
     assert "one of `1`, `2`, `4`, `8`" in md
     assert '`"centroid"`' in md
 
@@ -389,3 +395,31 @@ def test_resolve_bad_config_path(path):
 
 def test_error_is_value_error():
     assert issubclass(PrhsConfigError, ValueError)
+
+
+def test_fill_to_the_budget_needs_cap():
+    """delta 0 under over_budget dense would read every page: refused, naming the fields."""
+    with pytest.raises(PrhsConfigError, match="over_budget: cap"):
+        resolve_config({"prhs": {"delta": 0.0, "budget": 0.25}})
+    cfg = resolve_config({"prhs": {"delta": 0.0, "budget": 0.25, "over_budget": "cap"}})
+    assert cfg.over_budget == "cap"
+    assert resolve_config({"prhs": {"delta": 0.0, "budget": 1.0}}).delta == 0.0
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("over_budget", "drop"), ("dropped_weight", 1.5), ("dropped_weight", -0.1),
+     ("dropped_weight", "0.1")],
+)  # fmt: skip
+def test_new_contract_fields_reject_bad_values(field, value):
+    with pytest.raises(PrhsConfigError, match=f"field '{field}'"):
+        resolve_config({"prhs": {field: value}})
+
+
+def test_profiles_keep_what_they_promise():
+    """default: delta is the contract (no ceiling, exact where it would bind);
+    fixed-budget: a 1/16 cap that binds, int8 centroids."""
+    default = load_config_file(CONFIGS / "default.yaml")
+    assert default == PrhsConfig()
+    fixed = load_config_file(CONFIGS / "fixed-budget.yaml")
+    assert (fixed.budget, fixed.over_budget, fixed.centroid_dtype) == (0.0625, "cap", "int8")

@@ -179,24 +179,33 @@ def test_collector_yields_nothing_without_stats(tmp_path, monkeypatch):
 
 def test_collector_sums_worker_files(tmp_path, monkeypatch):
     directory = tmp_path / "stats"
-    worker_a = {name: float(i + 1) for i, name in enumerate(metrics.METRICS)}
-    worker_b = {name: 10.0 * (i + 1) for i, name in enumerate(metrics.METRICS)}
+    names = [*metrics.METRICS, *metrics._HISTOGRAM_FIELDS]
+    worker_a = {name: float(i + 1) for i, name in enumerate(names)}
+    worker_b = {name: 10.0 * (i + 1) for i, name in enumerate(names)}
     worker_b.pop("prhs_sparse_steps")  # an older worker without a counter: counts as 0
     write_worker_file(directory, 111, worker_a)
     write_worker_file(directory, 222, worker_b)
     (directory / "prhs-333.tmp").write_text(json.dumps(worker_b))  # a write in progress
-    expected = {name: worker_a[name] + worker_b.get(name, 0.0) for name in metrics.METRICS}
+    expected = {name: worker_a[name] + worker_b.get(name, 0.0) for name in names}
 
     assert metrics.read_totals(str(directory)) == expected
 
     monkeypatch.setenv(metrics.STATS_DIR_ENV, str(directory))
     families = {f.name: f for f in metrics.PrhsCollector().collect()}
-    assert set(families) == set(metrics.METRICS) | {"prhs_kept_fraction"}
+    assert set(families) == set(metrics.METRICS) | {"prhs_kept_fraction", "prhs_est_dropped_mass"}
     for name, (kind, _) in metrics.METRICS.items():
         assert families[name].type == kind
         assert [s.value for s in families[name].samples] == [expected[name]]
     kept_fraction = expected["prhs_pages_kept"] / expected["prhs_context_pages"]
     assert families["prhs_kept_fraction"].samples[0].value == pytest.approx(kept_fraction)
+    hist = {
+        (s.name, s.labels.get("le")): s.value for s in families["prhs_est_dropped_mass"].samples
+    }
+    assert (
+        hist[("prhs_est_dropped_mass_bucket", "0.05")] == expected["prhs_est_dropped_mass_le_0.05"]
+    )
+    assert hist[("prhs_est_dropped_mass_bucket", "+Inf")] == expected["prhs_scored_selections"]
+    assert hist[("prhs_est_dropped_mass_sum", None)] == expected["prhs_est_dropped_mass_sum"]
 
 
 def test_worker_flush_round_trips_through_collector(tmp_path, monkeypatch):
@@ -206,8 +215,9 @@ def test_worker_flush_round_trips_through_collector(tmp_path, monkeypatch):
     row_stats = metrics.layer_row_stats(
         keep_counts=torch.tensor([[2, 3], [4, 1], [2, 2]]),
         num_pages=torch.tensor([8, 8, 5]),
-        est_kept_mass=torch.full((3, 2), 0.9),
+        est_dropped=torch.tensor([[0.1, 0.01], [0.1, 0.3], [0.04, 0.1]]),
         certified_dropped=torch.full((3, 2), 0.2),
+        over_budget=torch.tensor([[True, False], [False, False], [False, True]]),
     )
     stats.record_rows(row_stats, num_kv_heads=2)
     stats.maybe_flush(force=True)
@@ -219,8 +229,14 @@ def test_worker_flush_round_trips_through_collector(tmp_path, monkeypatch):
     assert totals["prhs_pages_kept"] == 14
     assert totals["prhs_context_pages"] == 42
     assert totals["prhs_head_selections"] == 6
-    assert totals["prhs_est_dropped_mass_sum"] == pytest.approx(0.6)
+    assert totals["prhs_est_dropped_mass_sum"] == pytest.approx(0.65)
     assert totals["prhs_certified_dropped_mass_sum"] == pytest.approx(1.2)
+    assert totals["prhs_capped_selections"] == 2
+    assert totals["prhs_all_pages_selections"] == 0
+    assert totals["prhs_est_dropped_mass_le_0.01"] == 1
+    assert totals["prhs_est_dropped_mass_le_0.05"] == 2
+    assert totals["prhs_est_dropped_mass_le_0.1"] == 5
+    assert totals["prhs_est_dropped_mass_le_0.5"] == 6
 
 
 def test_flush_process_stats_writes_only_a_process_with_stats(tmp_path, monkeypatch):
@@ -248,7 +264,7 @@ def test_device_totals_added_by_graphs_are_counted():
     row_stats = metrics.layer_row_stats(
         keep_counts=torch.tensor([[2, 3], [4, 1]]),
         num_pages=torch.tensor([8, 5]),
-        est_kept_mass=torch.full((2, 2), 0.9),
+        est_dropped=torch.full((2, 2), 0.1),
         certified_dropped=torch.full((2, 2), 0.2),
     )
     recorded = metrics.StepStats()
@@ -263,12 +279,13 @@ def test_device_totals_added_by_graphs_are_counted():
 
 
 def stats_column_by_column(
-    keep_counts, num_pages, est_kept_mass, certified_dropped, true_dropped, delta, reused
+    keep_counts, num_pages, est_dropped, certified_dropped, true_dropped, delta, reused,
+    over_budget, dense_over,
 ):  # fmt: skip
     """``layer_row_stats`` as first written: each column converted to float64
     and reduced on its own (the reference for the one-table version)."""
-    scored = torch.ones_like(est_kept_mass, dtype=torch.bool) if reused is None else ~reused
-    zeros = torch.zeros_like(est_kept_mass)
+    scored = torch.ones_like(est_dropped, dtype=torch.bool) if reused is None else ~reused
+    zeros = torch.zeros_like(est_dropped)
     audit = [zeros, zeros, zeros]
     if true_dropped is not None:
         audit = [
@@ -276,14 +293,19 @@ def stats_column_by_column(
             (true_dropped > delta).to(torch.float32),
             ((certified_dropped < true_dropped - 1e-4) & scored).to(torch.float32),
         ]
+    est = est_dropped.clamp(0, 1) * scored
+    over = over_budget & scored
     columns = [
         keep_counts,
         num_pages[:, None].expand_as(keep_counts) * 1.0,
-        (1.0 - est_kept_mass).clamp(min=0) * scored,
+        est,
         certified_dropped * scored,
         *audit,
         ~scored,
         scored,
+        zeros if dense_over else over,
+        over if dense_over else zeros,
+        *[(est <= edge) & scored for edge in metrics.EST_DROPPED_BUCKETS],
     ]
     return torch.stack([c.to(torch.float64).sum(-1) for c in columns], dim=-1)
 
@@ -295,11 +317,12 @@ def test_layer_row_stats_equal_the_column_by_column_sums(audit, reuse):
     rows, heads = 7, 8
     num_pages = torch.randint(1, 5000, (rows,), generator=gen).to(torch.int32)
     keep_counts = torch.randint(0, 300, (rows, heads), generator=gen)
-    est = torch.rand(rows, heads, generator=gen) * 1.05  # some above 1: clamped
+    est = torch.rand(rows, heads, generator=gen) * 0.3 - 0.01  # some below 0: clamped
     certified = torch.rand(rows, heads, generator=gen)
     true = torch.rand(rows, heads, generator=gen) if audit else None
     reused = torch.rand(rows, heads, generator=gen) < 0.4 if reuse else None
-    args = (keep_counts, num_pages, est, certified, true, 0.3, reused)
+    over = torch.rand(rows, heads, generator=gen) < 0.3
+    args = (keep_counts, num_pages, est, certified, true, 0.3, reused, over, reuse)
     got = metrics.layer_row_stats(*args)
     assert got.dtype == torch.float64 and got.shape == (rows, metrics.num_device_fields())
     torch.testing.assert_close(got, stats_column_by_column(*args), rtol=1e-6, atol=1e-6)

@@ -434,11 +434,12 @@ def check_select_compact(gen, device, num_rows=5, num_kv_heads=3, group=4, num_s
     torch.testing.assert_close(
         got.est_kept_mass, want.est_kept_mass, atol=10 * t.mass_atol, rtol=1e-5
     )
+    assert torch.equal(got.over_budget, want.over_budget)
     if not with_bound:
-        assert got.dropped_bound_lse is None and want.dropped_bound_lse is None
+        assert got.dropped_est_lse is None and want.dropped_est_lse is None
         return got, want
     torch.testing.assert_close(
-        got.dropped_bound_lse, want.dropped_bound_lse, atol=t.lse_atol, rtol=1e-5
+        got.dropped_est_lse, want.dropped_est_lse, atol=t.lse_atol, rtol=1e-5
     )
     return got, want
 
@@ -456,6 +457,11 @@ SELECT_CASES = {
     "etf": {"frozen_fraction": 0.5, "etf": True},
     "tiny-budget": {"budget": 0.01},
     "quantized": {"exact_centroid": False, "delta": 0.1},
+    "raised": {"delta": 0.1, "dropped_weight": 0.1},
+    "raised-quest": {"estimator": "quest", "delta": 0.2, "dropped_weight": 0.5},
+    "over-dense": {"delta": 0.05, "dropped_weight": 0.1, "over_budget": "dense"},
+    "over-dense-blocks": {"delta": 0.05, "block_pages": (1, 3, 2), "over_budget": "dense"},
+    "over-dense-fill": {"budget": 0.5, "over_budget": "dense"},
 }
 
 
@@ -667,7 +673,7 @@ def test_select_compact(gen, case):
 
 
 @interpreted
-@pytest.mark.parametrize("case", ["budget", "delta", "blocks-per-head", "etf"])
+@pytest.mark.parametrize("case", ["budget", "delta", "blocks-per-head", "etf", "over-dense"])
 def test_select_compact_ties_keep_lower_slots(gen, case):
     check_select_compact(gen, "cpu", ties=True, **SELECT_CASES[case])
 
@@ -715,7 +721,7 @@ def test_select_compact_no_slots():
                              sink_tokens=0, local_tokens=16)  # fmt: skip
     got = select_compact(PageLogits(empty, empty, empty), torch.zeros(2, dtype=torch.int32), params)
     assert got.keep.shape == (2, 1, 0) and got.num_kept.tolist() == [[0], [0]]
-    assert torch.isneginf(got.dropped_bound_lse).all()
+    assert torch.isneginf(got.dropped_est_lse).all()
 
 
 def test_select_compact_rejects_what_it_does_not_cover():

@@ -347,14 +347,19 @@ class PrhsBuilderMixin:
             ):
                 meta.graph_rows = self._write_device_rows(meta, common, None)
             return meta
-        if self.prhs_config.metrics:
-            # Before this step is counted: the stats file then holds whole steps
-            # (their layers' rows included), never a step planned but not yet run.
-            self.prhs_stats.maybe_flush()
-        sparse = plan_sparse_rows(
-            common, self.prhs_config, self.prhs_stats,
-            self.kv_cache_spec.block_size, exact_lens=self._exact_lens,
-        )  # fmt: skip
+        if _compat.in_warmup():
+            # A batch of vLLM's own (warm-up, profiling, dummy batch): every
+            # row dense, no step counted.
+            sparse = None
+        else:
+            if self.prhs_config.metrics:
+                # Before this step is counted: the stats file then holds whole steps
+                # (their layers' rows included), never a step planned but not yet run.
+                self.prhs_stats.maybe_flush()
+            sparse = plan_sparse_rows(
+                common, self.prhs_config, self.prhs_stats,
+                self.kv_cache_spec.block_size, exact_lens=self._exact_lens,
+            )  # fmt: skip
         meta = PrhsMetadata(base=base, sparse=sparse)
         if (
             self._device_rows is not None
@@ -374,6 +379,12 @@ class PrhsBuilderMixin:
         if self._capturing or host_mask is not None:
             meta.dense_rows_base = dense_rows_metadata(meta.base, rows.dense_lens)
         return rows
+
+
+# Runs when vLLM first imports the backend class, inside the worker process
+# (model construction), before its profiling and warm-up: their batches reach
+# ``build`` marked as vLLM's own (``_compat.in_warmup``), never counted as steps.
+_WARMUP_MARKED = _compat.mark_warmup_steps()
 
 
 # vLLM's model runner dispatches steps with sparse rows around its full graphs
@@ -703,6 +714,8 @@ def layer_selection_params(
         delta_control=cfg.delta_control,
         rerank=cfg.rerank,
         exact_centroid=cfg.centroid_dtype == "float32",
+        over_budget=cfg.over_budget,
+        dropped_weight=cfg.dropped_weight,
         window_start=depth_fraction(
             cfg.psaw_start_layer, cfg.psaw_phi, cfg.psaw_alpha, layer, num_layers
         ),

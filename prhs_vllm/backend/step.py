@@ -28,7 +28,11 @@ SLOT_QUANTUM = 512  # page slots per context bucket (8K tokens at 16-token pages
 class StepResult:
     """out: [N, Hq, D]; keep: [N, Hkv, M] bool; keep_counts: [N, Hkv] int pages kept;
     num_pages: [N]; est_kept_mass, certified_dropped, true_dropped: [N, Hkv]
-    float32 (certified None without metrics, true None outside audit mode);
+    float32 (certified only with the certified stop rule or in audit mode and
+    with metrics, true only in audit mode); est_dropped: [N, Hkv] float32 the
+    dropped mass estimated after the attention (``posthoc_dropped``; None
+    without metrics); over_budget: [N, Hkv] bool the budget cap bound before
+    the stop rule was met;
     reused: [N, Hkv] bool or None; row_stats: [N, K] float64
     ``metrics.layer_row_stats`` (None without metrics); stats_recorded: the
     step graph has already added row_stats into the process's device counters
@@ -41,6 +45,8 @@ class StepResult:
     est_kept_mass: torch.Tensor
     certified_dropped: torch.Tensor | None
     true_dropped: torch.Tensor | None = None
+    est_dropped: torch.Tensor | None = None
+    over_budget: torch.Tensor | None = None
     reused: torch.Tensor | None = None
     row_stats: torch.Tensor | None = None
     stats_recorded: bool = False
@@ -129,13 +135,17 @@ def sparse_step(
         workspace=workspace,
         compact=compact,
     )
-    certified = None
+    certified = est_dropped = None
     if with_metrics:
         num_rows, num_kv_heads = keep.shape[:2]
         kept_lse = lse.view(num_rows, num_kv_heads, -1)
-        if selection.dropped_bound_lse is not None:
-            certified = certified_fraction(selection.dropped_bound_lse, kept_lse)
-        else:
+        # The attention's exact kept mass against the raised estimate of what
+        # was dropped: tracks the true dropped mass more closely than the
+        # selection's own estimate (whose kept side is the centroid's).
+        est_dropped = certified_fraction(selection.dropped_est_lse, kept_lse)
+        if selection.bound_logits is not None and (audit or params.delta_control == "certified"):
+            # Reads ~1 on real keys unless pages are scored exactly (rerank):
+            # computed only where the stop rule or an audit asks for it.
             certified = dropped_mass_upper_bound(selection.bound_logits, keep, kept_lse)
     true = None
     if audit:
@@ -145,11 +155,13 @@ def sparse_step(
     row_stats = None
     if with_metrics:
         row_stats = metrics.layer_row_stats(
-            counts, selection.num_pages, est_kept, certified, true, params.delta, reused
-        )
+            counts, selection.num_pages, est_dropped, certified, true, params.delta, reused,
+            selection.over_budget, params.over_budget == "dense",
+        )  # fmt: skip
     return StepResult(
-        out, keep, counts, selection.num_pages, est_kept, certified, true, reused, row_stats
-    )
+        out, keep, counts, selection.num_pages, est_kept, certified, true, est_dropped,
+        selection.over_budget, reused, row_stats,
+    )  # fmt: skip
 
 
 def _apply_reuse(state, cfg, query, block_table, seq_lens, params, selection, slot, reused):

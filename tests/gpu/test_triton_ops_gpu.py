@@ -184,7 +184,7 @@ def test_select_compact(gen, case, num_rows, num_kv_heads, group, num_slots):
 def select_knobs(case: str, num_kv_heads: int) -> dict:
     """SELECT_CASES[case], with one block size per KV head where the case has them."""
     knobs = dict(SELECT_CASES[case])
-    if case == "blocks-per-head":
+    if isinstance(knobs.get("block_pages"), tuple):
         knobs["block_pages"] = (1, 3, 2, 4, 1, 1, 2, 8)[:num_kv_heads]
     return knobs
 

@@ -1,4 +1,4 @@
-"""Selection, compaction and the dropped-bound log-sum-exp as one op: the
+"""Selection, compaction and the dropped-estimate log-sum-exp as one op: the
 contract of the fused Triton kernel (``ops/triton/selection.py``), written
 with the reference ops it must match.
 
@@ -15,7 +15,6 @@ from prhs_vllm.ops.ref.selection import (
     PageLogits,
     Selection,
     SelectionParams,
-    dropped_bound_lse,
     select_from_logits,
 )
 from prhs_vllm.ops.ref.sparse_decode_indexed import compact_keep
@@ -51,12 +50,13 @@ def select_compact(
         seq_lens: [N] int context lengths.
         params: selection knobs (``unsupported_reason(params)`` is None).
         prev_keep: [N, Hkv, >=M] bool, the previous layer's keep (ETF).
-        with_bound: compute dropped_bound_lse (the metrics' certified bound).
+        with_bound: compute dropped_est_lse (the metrics' estimate of the
+            dropped mass, with the attention's kept log-sum-exp).
     Returns:
-        Selection with keep [N, Hkv, M], est_kept_mass, num_pages, kept_slots
-        [N, Hkv, M] int32 and num_kept [N, Hkv] int32 (``compact_keep(keep)``),
-        dropped_bound_lse [N, Hkv, G] float32 (None without with_bound);
-        bound_logits None.
+        Selection with keep [N, Hkv, M], est_kept_mass, over_budget, num_pages,
+        kept_slots [N, Hkv, M] int32 and num_kept [N, Hkv] int32
+        (``compact_keep(keep)``), dropped_est_lse [N, Hkv, G] float32 (None
+        without with_bound); bound_logits None.
     Raises:
         ValueError: params this op does not cover.
     """
@@ -68,7 +68,5 @@ def select_compact(
         bound_logits=None,
         kept_slots=kept_slots,
         num_kept=num_kept,
-        dropped_bound_lse=(
-            dropped_bound_lse(selection.bound_logits, selection.keep) if with_bound else None
-        ),
+        dropped_est_lse=selection.dropped_est_lse if with_bound else None,
     )

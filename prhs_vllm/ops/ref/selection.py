@@ -28,6 +28,7 @@ from prhs_vllm.ops.ref.quant import QuantizedCentroids, decode_centroids
 
 ESTIMATORS = ("centroid", "quest", "bound", "hybrid")
 DELTA_CONTROLS = ("estimate", "certified")
+OVER_BUDGET = ("dense", "cap")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,13 @@ class SelectionParams:
         context keep the previous layer's decision instead of being scored.
     exact_centroid: False for quantized centroids: certified bounds then use
         the box alone (Quest), which does not depend on the centroid.
+    over_budget: what a (row, KV head) does when the budget cap binds before
+        the stop rule is met: "cap" keeps the capped selection (its dropped
+        mass may exceed delta); "dense" keeps every page instead (exact).
+    dropped_weight: alpha of the delta rule's dropped-mass estimate: a page
+        left out counts exp(centroid log-mass + alpha (bound - centroid))
+        against the kept pages' centroid mass (``dropped_page_weights``);
+        0 counts the centroid alone.
     """
 
     block_size: int
@@ -63,12 +71,18 @@ class SelectionParams:
     window_start: float = 0.0
     frozen_fraction: float = 0.0
     exact_centroid: bool = True
+    over_budget: str = "cap"
+    dropped_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator {self.estimator!r} not in {ESTIMATORS}")
         if self.delta_control not in DELTA_CONTROLS:
             raise ValueError(f"delta_control {self.delta_control!r} not in {DELTA_CONTROLS}")
+        if self.over_budget not in OVER_BUDGET:
+            raise ValueError(f"over_budget {self.over_budget!r} not in {OVER_BUDGET}")
+        if not 0.0 <= self.dropped_weight <= 1.0:
+            raise ValueError(f"dropped_weight {self.dropped_weight} not in [0, 1]")
 
 
 class PageLogits(NamedTuple):
@@ -89,24 +103,30 @@ class Selection:
     """Result of ``select_pages`` for N sparse rows over M page slots.
 
     keep: [N, Hkv, M] bool, page slot j of block_table[r] is read for KV head h.
-    est_kept_mass: [N, Hkv] float32, estimated attention mass kept (group mean).
+    est_kept_mass: [N, Hkv] float32, 1 - the delta rule's estimate of the
+        dropped mass (group mean; 1 where every page is kept).
+    over_budget: [N, Hkv] bool, the budget cap bound before the stop rule was
+        met (``params.over_budget`` "dense": those keep every page).
     num_pages: [N] int64, pages that hold context for each row.
     bound_logits: [N, Hkv, G, M] float32 certified upper log-masses per page
         (exact on reranked pages), for ``dropped_mass_upper_bound``; None from
         ``select_compact`` (it returns their dropped log-sum-exp instead).
     kept_slots, num_kept: ``compact_keep(keep)`` ([N, Hkv, M] int32 slots
         ascending then -1; [N, Hkv] int32), from ``select_compact`` only.
-    dropped_bound_lse: [N, Hkv, G] float32 log-sum-exp of bound_logits over the
-        dropped pages (-inf when none), from ``select_compact`` only.
+    dropped_est_lse: [N, Hkv, G] float32 log-sum-exp over the dropped pages of
+        the delta rule's raised log-masses (``raised_logits``; -inf when none):
+        with the sparse attention's exact kept log-sum-exp it estimates the
+        dropped mass after the fact (``posthoc_dropped``).
     """
 
     keep: torch.Tensor
     est_kept_mass: torch.Tensor
     num_pages: torch.Tensor
     bound_logits: torch.Tensor | None
+    over_budget: torch.Tensor | None = None
     kept_slots: torch.Tensor | None = None
     num_kept: torch.Tensor | None = None
-    dropped_bound_lse: torch.Tensor | None = None
+    dropped_est_lse: torch.Tensor | None = None
 
 
 def page_token_counts(seq_lens: torch.Tensor, num_slots: int, block_size: int) -> torch.Tensor:
@@ -436,29 +456,81 @@ def select_from_logits(
         listed = listed.scatter(-1, spare, True)[..., :num_slots]
         candidate = candidate & listed
 
-    # The kept-mass estimate behind the delta rule uses the centroid log-masses
-    # (exact where reranked), whatever ranks the pages: normalized upper bounds
-    # (loose by e^10 and more per page on real keys) pile the estimate onto a
-    # few pages and stop the fill early -- SmolLM2 then lost pass keys that the
-    # fill to the cap keeps.
-    stop_mass = group_page_mass(logits.est)
+    # The delta rule counts kept pages by their centroid (Jensen: a lower
+    # bound) and dropped pages by log-masses raised toward their upper bound
+    # (``dropped_page_weights``): the centroid alone misses the spikes of
+    # dropped pages (SmolLM2 at 4K: 72% of selections within delta), the
+    # bound alone is loose by e^10 and more on real keys.
     tight = None
-    if params.exact_centroid or params.estimator in ("bound", "hybrid"):
+    if params.exact_centroid or params.estimator in ("bound", "hybrid") or params.dropped_weight:
         tight = mean_constrained_bound(logits)
     upper = tight if params.exact_centroid else logits.upper
+    stop_mass = group_page_mass(logits.est)
+    weights = dropped_page_weights(logits, params.dropped_weight, tight)
     mass = rank_mass(logits, params.estimator, stop_mass, tight)
     keep = fixed
+    over = torch.zeros(shape[:2], dtype=torch.bool, device=device)
+    open_weight = (weights * (valid & ~fixed)).sum(-1, keepdim=True)
     for bp, heads in _block_sizes(params.block_pages, num_kv_heads, device):
-        taken = _take_blocks(
-            mass, stop_mass, candidate, fixed, cap, bp, params, lower=logits.est, upper=upper
-        )
+        taken, capped = _take_blocks(
+            mass, weights, open_weight, candidate, fixed, cap, bp, params,
+            lower=logits.est, upper=upper,
+        )  # fmt: skip
         keep = keep | (taken if heads is None else taken & heads[None, :, None])
+        over = over | (capped if heads is None else capped & heads[None, :])
+    if params.over_budget == "dense":
+        keep = torch.where(over[..., None], valid, keep)
+    dropped = valid & ~keep
     return Selection(
         keep=keep,
-        est_kept_mass=(stop_mass * keep).sum(-1),
+        est_kept_mass=1.0 - (weights * dropped).sum(-1).clamp(max=1.0),
         num_pages=num_pages,
         bound_logits=upper,
+        over_budget=over,
+        dropped_est_lse=torch.logsumexp(
+            raised_logits(logits, params.dropped_weight, tight).masked_fill(
+                ~dropped[:, :, None, :], -math.inf
+            ),
+            dim=-1,
+        ),
     )
+
+
+def raised_logits(
+    logits: PageLogits, weight: float, tight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[N, Hkv, G, M] est + weight (bound - est): each page's log-mass moved
+    ``weight`` of the way from the centroid's (a lower bound) toward the
+    mean-constrained upper bound; -inf on empty slots. ``tight``:
+    ``mean_constrained_bound(logits)`` if the caller has it."""
+    if weight == 0:
+        return logits.est
+    if tight is None:
+        tight = mean_constrained_bound(logits)
+    live = torch.isfinite(logits.est)
+    gap = torch.where(live, tight - logits.est, torch.zeros_like(tight))
+    return logits.est + weight * gap
+
+
+def dropped_page_weights(
+    logits: PageLogits, weight: float, tight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """What each page counts for when the delta rule leaves it out.
+
+    Per query head, the raised log-mass (``raised_logits``) over the sum of
+    every page's centroid mass, capped at 1, then the group mean. The sum of
+    these over the dropped pages, D / Z with Z the all-centroid total, is at
+    least the dropped fraction D / (K + D) whenever the kept pages' true mass
+    K is at least their centroid mass (Jensen) -- a conservative estimate of
+    what the raised masses say is dropped. weight 0: the centroid's normalized
+    mass (``group_page_mass(logits.est)``).
+
+    Returns:
+        [N, Hkv, M] float32, 0 on empty slots.
+    """
+    log_z = torch.logsumexp(logits.est, dim=-1, keepdim=True)
+    share = (raised_logits(logits, weight, tight) - log_z).clamp(max=0.0)
+    return torch.nan_to_num(torch.exp(share), nan=0.0).mean(dim=2)
 
 
 @functools.lru_cache(maxsize=64)
@@ -493,13 +565,15 @@ def _blocks(x: torch.Tensor, bp: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, pad)).view(*x.shape[:-1], num_blocks, bp).sum(-1)
 
 
-def _take_blocks(mass, stop_mass, candidate, fixed, cap, bp, params, lower, upper):
+def _take_blocks(mass, weights, open_weight, candidate, fixed, cap, bp, params, lower, upper):
     """Best candidate blocks of ``bp`` pages per (row, head), in order, while they
-    fit under ``cap`` and the delta rule still asks for more mass.
+    fit under ``cap`` and the stop rule still asks for more.
 
-    mass (ranks blocks), stop_mass (estimates kept mass), candidate, fixed:
-    [N, H, M]; cap: [N, 1]; lower, upper: [N, H, G, M].
-    Returns [N, H, M] bool (candidate pages of the taken blocks).
+    mass (ranks blocks), weights (``dropped_page_weights``), candidate, fixed:
+    [N, H, M]; open_weight: [N, H, 1] the weights of every page not fixed;
+    cap: [N, 1]; lower, upper: [N, H, G, M].
+    Returns ([N, H, M] bool candidate pages of the taken blocks, [N, H] bool
+    the cap stopped the fill while the stop rule asked for more).
     """
     num_slots = mass.shape[-1]
     block_mass = _blocks(mass * candidate, bp)
@@ -507,21 +581,26 @@ def _take_blocks(mass, stop_mass, candidate, fixed, cap, bp, params, lower, uppe
     eligible = block_count > 0
     order_key = torch.where(eligible, block_mass, torch.full_like(block_mass, -1.0))
     order = torch.sort(order_key, dim=-1, descending=True, stable=True).indices
-    sorted_mass = _blocks(stop_mass * candidate, bp).gather(-1, order)
+    sorted_weight = _blocks(weights * candidate, bp).gather(-1, order)
     sorted_count = block_count.gather(-1, order)
-    take = eligible.gather(-1, order)
+    sorted_eligible = eligible.gather(-1, order)
     pages_through = fixed.sum(-1, keepdim=True) + torch.cumsum(sorted_count, -1)
-    take &= pages_through <= cap[:, None]
+    fits = pages_through <= cap[:, None]
+    wanted = sorted_eligible
     if params.delta > 0 and params.delta_control == "estimate":
-        fixed_mass = (stop_mass * fixed).sum(-1, keepdim=True)
-        mass_before = fixed_mass + torch.cumsum(sorted_mass, -1) - sorted_mass
-        take &= mass_before < 1.0 - params.delta
+        # Estimated dropped mass before each block: what is not fixed, less
+        # the blocks taken before it.
+        taken_before = torch.cumsum(sorted_weight, -1) - sorted_weight
+        wanted = wanted & (open_weight - taken_before > params.delta)
     elif params.delta > 0:
-        take &= _certified_bound_before(candidate, fixed, lower, upper, bp, order) > params.delta
+        bound = _certified_bound_before(candidate, fixed, lower, upper, bp, order)
+        wanted = wanted & (bound > params.delta)
+    take = wanted & fits
+    capped = (wanted & ~fits).any(-1)
     keep_block = torch.zeros_like(take).scatter(-1, order, take)
     # expand + reshape, not repeat_interleave: the latter syncs with the host on CUDA.
     keep_pages = keep_block[..., None].expand(*keep_block.shape, bp).flatten(-2)
-    return keep_pages[..., :num_slots] & candidate
+    return keep_pages[..., :num_slots] & candidate, capped
 
 
 def _certified_bound_before(candidate, fixed, lower, upper, bp, order) -> torch.Tensor:

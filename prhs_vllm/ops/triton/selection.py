@@ -1,20 +1,20 @@
 """Triton selection: ``select_compact`` (same contract as
 ``prhs_vllm.ops.ref.compact_selection.select_compact``) in one launch per
 block size -- group masses, top-k under the budget cap, top-p under the delta
-rule, the keep mask, the compacted slot list and the dropped-bound
+rule, the keep mask, the compacted slot list and the dropped-estimate
 log-sum-exp, with no sort.
 
 One program owns one (row, KV head) and holds its page slots in registers as
 an [NB, BP] tile (BP pages per block, lanes padded to a power of 2). The
 reference takes blocks in order of rank mass (ties: lower block first) while
-the pages through the block fit under the cap and the estimated mass before
-it is below 1 - delta: a prefix of the ranked order. The kernel finds the
-prefix by bisection over the float32 bit patterns of the block masses
-(non-negative, so the patterns sort as the values): the smallest t with every
-block above t inside the cap and the mass of the blocks above t below
-1 - delta. Blocks above t are taken; blocks exactly at t are then taken in
-index order by a prefix sum, with the rules applied block by block, as the
-reference does.
+the pages through the block fit under the cap and the estimated dropped mass
+before it (the weights of every page not fixed, less those taken) is above
+delta: a prefix of the ranked order. The kernel finds the prefix by bisection
+over the float32 bit patterns of the block masses (non-negative, so the
+patterns sort as the values): the smallest t with every block above t inside
+the cap and the weight of the blocks above t below open weight - delta.
+Blocks above t are taken; blocks exactly at t are then taken in index order
+by a prefix sum, with the rules applied block by block, as the reference does.
 """
 
 from __future__ import annotations
@@ -67,6 +67,23 @@ def _tight_bound(est, upper, lower):
 
 
 @triton.jit
+def _dropped_weight(est, upper, lower, valid, alpha, GROUP: tl.constexpr, RAISE: tl.constexpr):
+    """``ref.dropped_page_weights`` of one query head (before the group mean's
+    sum): exp(min(0, raised log-mass - log of the tile's centroid total)) / GROUP."""
+    x = tl.where(valid, est, float("-inf"))
+    m = tl.max(tl.max(x, axis=1), axis=0)
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.sum(tl.where(valid, tl.exp(x - shift), 0.0), axis=1), axis=0)
+    log_z = shift + tl.log(tl.where(total > 0, total, 1.0))
+    raised = est
+    if RAISE:
+        live = est > float("-inf")
+        raised = est + alpha * tl.where(live, _tight_bound(est, upper, lower) - est, 0.0)
+    share = tl.minimum(raised - log_z, 0.0)
+    return tl.where(total > 0, tl.where(valid, tl.exp(share), 0.0), 0.0) / GROUP
+
+
+@triton.jit
 def _select_kernel(
     est_ptr,
     upper_ptr,
@@ -79,6 +96,7 @@ def _select_kernel(
     slots_ptr,
     count_ptr,
     kept_mass_ptr,
+    over_ptr,
     bound_lse_ptr,
     stride_ln,
     stride_lh,
@@ -93,12 +111,12 @@ def _select_kernel(
     sink_pages,
     local_pages,
     delta,
+    alpha,
     GROUP: tl.constexpr,
     BP: tl.constexpr,
     BP_POW2: tl.constexpr,
     NB: tl.constexpr,
     ESTIMATOR: tl.constexpr,
-    EXACT_CENTROID: tl.constexpr,
     USE_DELTA: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     HAS_PREV: tl.constexpr,
@@ -106,11 +124,14 @@ def _select_kernel(
     SEARCH: tl.constexpr,
     SEARCH_ROUNDS: tl.constexpr,
     WITH_BOUND: tl.constexpr,
+    RAISE: tl.constexpr,
+    DENSE_OVER: tl.constexpr,
 ):
     """Grid (N, heads of this block size). SEARCH: 2 (bisection) or a larger
     power of 2 (that many thresholds per round, fewer rounds). Outputs are contiguous:
-    keep [N, Hkv, M] uint8, slots [N, Hkv, M] int32, count and kept_mass
-    [N, Hkv], bound_lse [N, Hkv, GROUP]."""
+    keep [N, Hkv, M] uint8, slots [N, Hkv, M] int32, count, kept_mass and
+    over [N, Hkv], bound_lse [N, Hkv, GROUP] (the dropped estimate's). RAISE:
+    alpha > 0; DENSE_OVER: a capped (row, head) keeps every page."""
     n = tl.program_id(0).to(tl.int64)
     if HAS_HEADS:
         h = tl.load(heads_ptr + tl.program_id(1)).to(tl.int64)
@@ -142,22 +163,28 @@ def _select_kernel(
     cap = tl.ceil(budget * num_pages.to(tl.float64)).to(tl.int32)
 
     base = n * stride_ln + h * stride_lh + slot * stride_lm
-    stop = tl.zeros([NB, BP_POW2], tl.float32)
+    stop = tl.zeros([NB, BP_POW2], tl.float32)  # dropped-page weights
+    centroid = tl.zeros([NB, BP_POW2], tl.float32)
     rank = tl.zeros([NB, BP_POW2], tl.float32)
     for g in tl.static_range(GROUP):
         est = tl.load(est_ptr + base + g * stride_lg, mask=in_row, other=float("-inf"))
-        stop += _group_mass(est, in_row, GROUP)
-        if ESTIMATOR == 1:  # quest
+        upper = est
+        lower = est
+        if ESTIMATOR >= 1 or RAISE:
             upper = tl.load(upper_ptr + base + g * stride_lg, mask=in_row, other=float("-inf"))
+        if ESTIMATOR >= 2 or RAISE:
+            lower = tl.load(lower_ptr + base + g * stride_lg, mask=in_row, other=float("-inf"))
+        stop += _dropped_weight(est, upper, lower, in_row, alpha, GROUP, RAISE)
+        if ESTIMATOR != 1:
+            centroid += _group_mass(est, in_row, GROUP)
+        if ESTIMATOR == 1:  # quest
             rank += _group_mass(upper, in_row, GROUP)
         elif ESTIMATOR >= 2:  # bound, hybrid
-            upper = tl.load(upper_ptr + base + g * stride_lg, mask=in_row, other=float("-inf"))
-            lower = tl.load(lower_ptr + base + g * stride_lg, mask=in_row, other=float("-inf"))
             rank += _group_mass(_tight_bound(est, upper, lower), in_row, GROUP)
     if ESTIMATOR == 0:
-        rank = stop
+        rank = centroid
     elif ESTIMATOR == 3:
-        rank = tl.maximum(stop, rank)
+        rank = tl.maximum(centroid, rank)
 
     # Blocks: rank mass, candidate pages and estimated mass of their candidates.
     block_rank = tl.sum(tl.where(candidate, rank, 0.0), axis=1)
@@ -167,8 +194,10 @@ def _select_kernel(
     # Masses are >= 0, so their bit patterns order as the values; 0 = not eligible.
     key = tl.where(eligible, block_rank.to(tl.int32, bitcast=True) + 1, 0)
     room = cap - tl.sum(tl.sum(fixed.to(tl.int32), axis=1), axis=0)
-    fixed_mass = tl.sum(tl.sum(tl.where(fixed, stop, 0.0), axis=1), axis=0)
-    limit_mass = 1.0 - delta - fixed_mass
+    # Take blocks while the estimated dropped mass (the weights of every page
+    # not fixed, less those taken) is above delta.
+    open_weight = tl.sum(tl.sum(tl.where(valid & ~fixed, stop, 0.0), axis=1), axis=0)
+    limit_mass = open_weight - delta
 
     # Smallest t whose blocks above t all fit: within the cap, and (delta rule)
     # with their estimated mass below 1 - delta.
@@ -210,41 +239,51 @@ def _select_kernel(
         mass_before = taken_mass + tl.cumsum(tied_mass, axis=0) - tied_mass
         take = above | (tied & (pages_through <= room) & (mass_before < limit_mass))
 
+    # The cap stopped the fill while the stop rule asked for more: a block is
+    # left out and (delta rule) the estimate after the taken blocks is above delta.
+    left = tl.sum(tl.where(eligible & ~take, 1, 0), axis=0) > 0
+    if USE_DELTA:
+        taken_weight = tl.sum(tl.where(take, block_stop, 0.0), axis=0)
+        left = left & (taken_weight < limit_mass)
     keep = fixed | (candidate & take[:, None])
+    if DENSE_OVER:
+        keep = tl.where(left, valid, keep)
     row_head = n * num_kv_heads + h
+    tl.store(over_ptr + row_head, left.to(tl.uint8))
     out = row_head * num_slots + slot
     keep_i = keep.to(tl.int32)
     tl.store(keep_ptr + out, keep_i.to(tl.uint8), mask=in_row)
     kept = tl.sum(tl.sum(keep_i, axis=1), axis=0)
     tl.store(count_ptr + row_head, kept)
-    tl.store(kept_mass_ptr + row_head, tl.sum(tl.sum(tl.where(keep, stop, 0.0), axis=1), axis=0))
+    dropped_weight = tl.sum(tl.sum(tl.where(valid & ~keep, stop, 0.0), axis=1), axis=0)
+    tl.store(kept_mass_ptr + row_head, 1.0 - tl.minimum(dropped_weight, 1.0))
     # Compaction: kept slots ascending (block-major order is slot order), then -1.
     per_block = tl.sum(keep_i, axis=1)
     pos = (tl.cumsum(per_block, axis=0) - per_block)[:, None] + tl.cumsum(keep_i, axis=1) - 1
     tl.store(slots_ptr + row_head * num_slots + pos, slot, mask=keep)
     tl.store(slots_ptr + out, tl.full([NB, BP_POW2], -1, tl.int32), mask=in_row & (slot >= kept))
 
-    if WITH_BOUND:  # log-sum-exp of the certified upper log-masses over the dropped pages
-        _store_dropped_bound(
+    if WITH_BOUND:  # log-sum-exp of the raised log-masses over the dropped pages
+        _store_dropped_estimate(
             est_ptr, upper_ptr, lower_ptr, bound_lse_ptr, base, stride_lg, in_row, keep,
-            row_head, GROUP, EXACT_CENTROID,
+            row_head, alpha, GROUP, RAISE,
         )  # fmt: skip
 
 
 @triton.jit
-def _store_dropped_bound(
+def _store_dropped_estimate(
     est_ptr, upper_ptr, lower_ptr, bound_lse_ptr, base, stride_lg, in_row, keep, row_head,
-    GROUP: tl.constexpr, EXACT_CENTROID: tl.constexpr,
+    alpha, GROUP: tl.constexpr, RAISE: tl.constexpr,
 ):  # fmt: skip
-    """bound_lse[row_head, g] = log-sum-exp over the dropped slots of the upper
-    log-masses (tight ones where the centroid is exact)."""
+    """bound_lse[row_head, g] = log-sum-exp over the dropped slots of the
+    raised log-masses (``ref.raised_logits``)."""
     for g in tl.static_range(GROUP):
-        upper = tl.load(upper_ptr + base + g * stride_lg, mask=in_row, other=float("-inf"))
-        if EXACT_CENTROID:
-            est = tl.load(est_ptr + base + g * stride_lg, mask=in_row, other=float("-inf"))
+        x = tl.load(est_ptr + base + g * stride_lg, mask=in_row, other=float("-inf"))
+        if RAISE:
+            upper = tl.load(upper_ptr + base + g * stride_lg, mask=in_row, other=float("-inf"))
             lower = tl.load(lower_ptr + base + g * stride_lg, mask=in_row, other=float("-inf"))
-            upper = _tight_bound(est, upper, lower)
-        dropped = tl.where(in_row & ~keep, upper, float("-inf"))
+            x = x + alpha * tl.where(x > float("-inf"), _tight_bound(x, upper, lower) - x, 0.0)
+        dropped = tl.where(in_row & ~keep, x, float("-inf"))
         m = tl.max(tl.max(dropped, axis=1), axis=0)
         shift = tl.where(m == float("-inf"), 0.0, m)
         total = tl.sum(tl.sum(tl.exp(dropped - shift), axis=1), axis=0)
@@ -291,12 +330,12 @@ def select_compact(
         seq_lens: [N] int context lengths.
         params: selection knobs (not rerank, not the certified stop rule).
         prev_keep: [N, Hkv, >=M] bool, the previous layer's keep (ETF).
-        with_bound: compute dropped_bound_lse (a second pass over the logits).
+        with_bound: compute dropped_est_lse (a second pass over the logits).
     Returns:
         Selection: keep [N, Hkv, M] bool, est_kept_mass [N, Hkv] float32,
-        num_pages [N] int64, kept_slots [N, Hkv, M] int32 (ascending, then -1),
-        num_kept [N, Hkv] int32, dropped_bound_lse [N, Hkv, G] float32 (None
-        without with_bound).
+        over_budget [N, Hkv] bool, num_pages [N] int64, kept_slots [N, Hkv, M]
+        int32 (ascending, then -1), num_kept [N, Hkv] int32, dropped_est_lse
+        [N, Hkv, G] float32 (None without with_bound).
     """
     return _select_compact(logits, seq_lens, params, prev_keep, with_bound, search=2)
 
@@ -320,6 +359,7 @@ def _select_compact(
     kept_slots = torch.empty(keep.shape, dtype=torch.int32, device=device)
     num_kept = torch.empty((num_rows, num_kv_heads), dtype=torch.int32, device=device)
     kept_mass = torch.empty((num_rows, num_kv_heads), dtype=torch.float32, device=device)
+    over = torch.zeros((num_rows, num_kv_heads), dtype=torch.uint8, device=device)
     bound_lse = (
         torch.empty((num_rows, num_kv_heads, group), dtype=torch.float32, device=device)
         if with_bound
@@ -328,7 +368,7 @@ def _select_compact(
     num_pages = -(-seq_lens.to(torch.long) // params.block_size)
     if num_rows and num_kv_heads and num_slots == 0:
         num_kept.zero_()
-        kept_mass.zero_()
+        kept_mass.fill_(1.0)
         if bound_lse is not None:
             bound_lse.fill_(float("-inf"))
     elif keep.numel():
@@ -341,16 +381,16 @@ def _select_compact(
             _select_kernel[grid](
                 est, upper, lower, seq_lens, fractions, prev,
                 keep if heads is None else heads,  # any pointer when unused
-                keep, kept_slots, num_kept, kept_mass,
+                keep, kept_slots, num_kept, kept_mass, over,
                 keep if bound_lse is None else bound_lse,  # any pointer when unused
                 *est.stride(), *prev.stride(),
                 num_kv_heads, num_slots, params.block_size,
                 -(-params.sink_tokens // params.block_size),
                 max(1, -(-params.local_tokens // params.block_size)),
                 float(params.delta),
+                float(params.dropped_weight),
                 GROUP=group, BP=bp, BP_POW2=triton.next_power_of_2(bp), NB=nb,
                 ESTIMATOR=ESTIMATORS.index(params.estimator),
-                EXACT_CENTROID=params.exact_centroid,
                 USE_DELTA=params.delta > 0,
                 USE_WINDOW=params.window_start > 0,
                 HAS_PREV=etf,
@@ -358,6 +398,8 @@ def _select_compact(
                 SEARCH=search,
                 SEARCH_ROUNDS=_search_rounds(search),
                 WITH_BOUND=with_bound,
+                RAISE=params.dropped_weight > 0,
+                DENSE_OVER=params.over_budget == "dense",
                 num_warps=num_warps or warps,
             )  # fmt: skip
     return Selection(
@@ -365,7 +407,8 @@ def _select_compact(
         est_kept_mass=kept_mass,
         num_pages=num_pages,
         bound_logits=None,
+        over_budget=over.view(torch.bool),
         kept_slots=kept_slots,
         num_kept=num_kept,
-        dropped_bound_lse=bound_lse,
+        dropped_est_lse=bound_lse,
     )
