@@ -126,6 +126,84 @@ def _map_prhs_name_to_custom() -> None:
     AttentionConfig.validate_backend_before = staticmethod(validate_backend_before)
 
 
+def check_engine_configs(check) -> bool:
+    """Run ``check(vllm_config)`` on every engine config the front end creates,
+    before any engine process starts; returns whether the hook is in place.
+
+    Why: vLLM hands `--additional-config` to the engine untouched, and the
+    backend first reads it in the engine process, ~30 s into start-up, where a
+    bad value came out inside ~240 log lines and four tracebacks; nor does vLLM
+    say anything when the section is given without `--attention-backend prhs`.
+    How: wrap ``EngineArgs.create_engine_config``, which the front-end process
+    calls once per engine (`vllm serve` after parsing its arguments, ``LLM``,
+    ``AsyncLLM.from_engine_args``; subclasses such as ``AsyncEngineArgs``
+    inherit it), so that the config it returns passes through ``check`` first
+    (which may raise). The engine process receives the config pickled and never
+    calls it. Remove when: vLLM lets a plugin validate its part of the config in
+    the front end.
+    """
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "_prhs_wrapped", False):
+        return True
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        vllm_config = original(self, *args, **kwargs)
+        check(vllm_config)
+        return vllm_config
+
+    create_engine_config._prhs_wrapped = True  # type: ignore[attr-defined]
+    EngineArgs.create_engine_config = create_engine_config
+    return True
+
+
+#: (module, class, method): the worker method that runs one scheduled step's
+#: forward (metadata builds and attention included), on every version (0.26 -
+#: 0.33) and platform (the CPU worker inherits it; importing this module is
+#: safe on the CPU, unlike ``cpu_worker``).
+STEP_ENTRY_POINT = ("vllm.v1.worker.gpu_worker", "Worker", "execute_model")
+
+
+def mark_step_boundaries(started, ended, entry_point=STEP_ENTRY_POINT) -> bool:
+    """Call ``started()`` before and ``ended()`` after each step a worker runs;
+    returns whether the entry point was found (and wrapped, once).
+
+    Why: workers write their metrics totals from the metadata builder, the one
+    prhs code every step passes through, at most once a flush interval; the
+    steps of an interval after which the server goes idle stayed unwritten
+    until the next request. A flush when the worker goes idle needs to know
+    when a step is running: it must not read the counters halfway through a
+    step (the file holds whole steps), nor touch the device while a step may
+    capture a CUDA graph. vLLM has no step hook for backends. How: wrap the
+    worker's ``execute_model`` (``entry_point``). Remove when: vLLM tells a
+    backend where steps begin and end.
+    """
+    module_name, class_name, name = entry_point
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        return False
+    method = getattr(cls, name, None)
+    if method is None or not callable(method):
+        return False
+    if getattr(method, "_prhs_steps", False):
+        return True
+
+    @functools.wraps(method)
+    def execute_model(*args, **kwargs):
+        started()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            ended()
+
+    execute_model._prhs_steps = True  # type: ignore[attr-defined]
+    setattr(cls, name, execute_model)
+    return True
+
+
 def route_cpu_platform_to_prhs(class_path: str) -> None:
     """Let the CPU platform honour `--attention-backend prhs`.
 

@@ -7,6 +7,13 @@ file per process in a directory named by ``PRHS_STATS_DIR`` (set by the plugin
 in the first process, inherited by the processes vLLM spawns); the API server
 registers a Prometheus collector that sums those files at scrape time. Device
 counters are only read at flush time, so there is no host sync per layer.
+
+Lifecycle: when prhs is the selected backend (and ``metrics`` is on), the
+front end creates the directory before the engine starts (``prepare_stats_dir``),
+so every series exists on ``/metrics`` from start-up, at zero until a worker
+writes. Workers write from the step path at most once per flush interval, and
+once more when they go idle: a step's totals are on ``/metrics`` at most a flush
+interval after the step, busy or not (``StepStats``).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -112,8 +120,28 @@ def ensure_stats_dir_env() -> str:
     return path
 
 
+def prepare_stats_dir() -> str:
+    """Create this server's stats directory now (the front end does, when prhs is
+    the selected backend): ``/metrics`` then has every prhs series from
+    start-up, at zero until a worker writes its file (``read_totals``)."""
+    path = ensure_stats_dir_env()
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return path
+
+
 class StepStats:
-    """Per-process accumulator. Device counters stay on the device until flush."""
+    """Per-process accumulator. Device counters stay on the device until flush.
+
+    Writes: from the step path (the builder's ``maybe_flush``) at most once per
+    flush interval, and from an idle-flush thread once the worker has run no
+    step for a flush interval and holds counts not yet written. Step boundaries
+    come from ``step_started`` / ``step_ended`` (the worker's ``execute_model``,
+    hooked by ``process_stats``). The thread reads the counters only between
+    steps, under the lock each step takes on entry: never half a step, never
+    while a step may capture a CUDA graph. On CUDA its read of the device
+    counters (a few hundred bytes) waits only for work already finished: the
+    worker has been idle for a flush interval.
+    """
 
     def __init__(self) -> None:
         self._host: dict[str, float] = {name: 0.0 for name in _FIELDS}
@@ -125,9 +153,19 @@ class StepStats:
         self._logged: dict[str, float] = dict(self._host)  # totals at the last log line
         self._flush_interval = float(os.environ.get(FLUSH_INTERVAL_ENV, "1.0"))
         self.log_interval_s = 30.0
+        # Idle flush: counts recorded since the last write, whether a step is
+        # running, when the last one ended; guarded by _lock (re-entrant: a step
+        # flushes from inside its own boundaries).
+        self._lock = threading.RLock()
+        self._unflushed = False
+        self._in_step = False
+        self._step_ended_at = 0.0
+        self._idle_wake = threading.Event()
+        self._idle_thread: tuple[int, threading.Thread] | None = None  # (pid, thread)
 
     def record_step(self, sparse_rows: int, dense_decode_rows: int) -> None:
         """Host-side counts known when a step's metadata is built."""
+        self._unflushed = True
         if sparse_rows:
             self._host["prhs_sparse_steps"] += 1
         self._host["prhs_sparse_decode_tokens"] += sparse_rows
@@ -138,6 +176,7 @@ class StepStats:
         on the device (eager steps; a step graph sums its rows itself, and the
         caller then uses ``count_rows``)."""
         rows = row_stats.shape[0]
+        self._unflushed = True
         # Shapes are host ints; creating device scalars from them would copy
         # from the host on every layer, so they are counted on the host.
         self._host["prhs_sparse_layer_rows"] += rows
@@ -150,6 +189,7 @@ class StepStats:
     def count_rows(self, rows: int, num_kv_heads: int) -> None:
         """``record_rows`` of rows whose ``layer_row_stats`` a CUDA graph has
         already added into a tensor of ``add_device_totals``: host counts only."""
+        self._unflushed = True
         self._host["prhs_sparse_layer_rows"] += rows
         self._host["prhs_head_selections"] += rows * num_kv_heads
 
@@ -173,10 +213,63 @@ class StepStats:
 
     def maybe_flush(self, force: bool = False) -> None:
         """Write totals to this process's stats file, at most once per interval."""
-        now = time.monotonic()
-        if not force and now - self._last_flush < self._flush_interval:
-            return
+        with self._lock:
+            now = time.monotonic()
+            if not force and now - self._last_flush < self._flush_interval:
+                return
+            self._write(now)
+
+    def step_started(self) -> None:
+        """The worker starts a step (waits for an idle flush in progress)."""
+        with self._lock:
+            self._in_step = True
+
+    def step_ended(self) -> None:
+        """The worker finished a step: arm the idle flush if counts are unwritten."""
+        with self._lock:
+            self._in_step = False
+            self._step_ended_at = time.monotonic()
+            if not self._unflushed:
+                return
+            self._idle_wake.set()
+            # One thread per process (a forked child does not inherit it).
+            if self._idle_thread is None or self._idle_thread[0] != os.getpid():
+                thread = threading.Thread(
+                    target=self._idle_flush_loop, name="prhs-stats-idle-flush", daemon=True
+                )
+                self._idle_thread = (os.getpid(), thread)
+                thread.start()
+
+    def idle_flush_due(self, now: float | None = None) -> float | None:
+        """Seconds until the idle flush should write (0: now); None when there is
+        nothing to write or a step is running. Call with the lock held."""
+        if self._in_step or not self._unflushed:
+            return None
+        now = time.monotonic() if now is None else now
+        return max(0.0, self._step_ended_at + self._flush_interval - now)
+
+    def _idle_flush_loop(self) -> None:
+        while True:
+            self._idle_wake.wait()
+            with self._lock:
+                delay = self.idle_flush_due()
+                if delay is None or delay <= 0:
+                    if delay is not None:
+                        self._idle_write()
+                    self._idle_wake.clear()  # step_ended sets it again
+                    continue
+            time.sleep(delay)
+
+    def _idle_write(self) -> None:
+        try:
+            self._write(time.monotonic())
+        except Exception as exc:  # a failed write must not end the thread
+            logger.warning("prhs: writing the stats file failed: %s", exc)
+
+    def _write(self, now: float) -> None:
+        """Write the totals file (and the periodic log line when due); lock held."""
         self._last_flush = now
+        self._unflushed = False
         totals = self.totals()
         directory = Path(ensure_stats_dir_env())
         directory.mkdir(parents=True, exist_ok=True)
@@ -256,7 +349,22 @@ def process_stats() -> StepStats:
     global _STATS
     if _STATS is None:
         _STATS = StepStats()
+        from prhs_vllm import _compat
+
+        if not _compat.mark_step_boundaries(_step_started, _step_ended):
+            logger.info("prhs: vLLM's step entry point was not found; stats are written "
+                        "on the next step only, not when the server goes idle")  # fmt: skip
     return _STATS
+
+
+def _step_started() -> None:
+    if _STATS is not None:
+        _STATS.step_started()
+
+
+def _step_ended() -> None:
+    if _STATS is not None:
+        _STATS.step_ended()
 
 
 def flush_process_stats() -> bool:
@@ -272,14 +380,14 @@ def flush_process_stats() -> bool:
 def read_totals(directory: str | None = None) -> dict[str, float] | None:
     """Sum the stats files of all worker processes of this server.
 
-    Returns None when no worker has written stats (prhs not in use).
+    Returns None when the stats directory does not exist (prhs not selected,
+    or its metrics off), zeros while it holds no worker file yet (prhs
+    selected: the front end created it before the engine started).
     """
     directory = directory or os.environ.get(STATS_DIR_ENV)
     if not directory or not os.path.isdir(directory):
         return None
     files = list(Path(directory).glob("prhs-*.json"))
-    if not files:
-        return None
     totals = {name: 0.0 for name in _FIELDS}
     for path in files:
         try:

@@ -170,11 +170,12 @@ def test_collector_yields_nothing_without_stats(tmp_path, monkeypatch):
     monkeypatch.setenv(metrics.STATS_DIR_ENV, str(tmp_path / "missing"))
     assert metrics.read_totals() is None
     assert list(metrics.PrhsCollector().collect()) == []
+    # The directory exists (prhs selected) but no worker has written yet: zeros.
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "unrelated.json").write_text("{}")
     monkeypatch.setenv(metrics.STATS_DIR_ENV, str(tmp_path / "empty"))
-    assert metrics.read_totals(str(tmp_path / "empty")) is None
-    assert list(metrics.PrhsCollector().collect()) == []
+    assert set(metrics.read_totals(str(tmp_path / "empty")).values()) == {0.0}
+    assert {s.value for f in metrics.PrhsCollector().collect() for s in f.samples} == {0.0}
 
 
 def test_collector_sums_worker_files(tmp_path, monkeypatch):

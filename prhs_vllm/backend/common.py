@@ -37,8 +37,19 @@ logger = logging.getLogger(LOGGER_NAME)
 
 @functools.lru_cache(maxsize=8)
 def _resolve_cached(additional_config_json: str) -> PrhsConfig:
+    from vllm.platforms import current_platform
+
     config = resolve_config(json.loads(additional_config_json) or None)
-    logger.info("%s; ops: %s", config.describe(), ops.kernel_report())
+    text = config.describe()
+    if not current_platform.is_cuda():
+        # The CUDA-only switches do nothing here: say so where the line shows them on.
+        where = str(getattr(current_platform, "device_type", "") or "this platform").upper()
+        note = f" (CUDA only: unused on {where})"
+        text = text.replace("cuda_graphs=on", "cuda_graphs=on" + note)
+        if config.full_graph_max_rows:
+            rows = f"full_graph_max_rows={config.full_graph_max_rows}"
+            text = text.replace(rows, rows + note)
+    logger.info("%s; ops: %s", text, ops.kernel_report())
     return config
 
 
