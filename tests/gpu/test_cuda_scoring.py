@@ -15,11 +15,6 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from prhs_vllm.ops.cuda.sparse_decode import is_available  # noqa: E402
-
-if not is_available():
-    pytest.skip("prhs_vllm._C is not built", allow_module_level=True)
-
 from test_triton_ops import (  # noqa: E402
     check_page_logits,
     check_page_logits_quantized,
@@ -31,6 +26,9 @@ from prhs_vllm import ops  # noqa: E402
 from prhs_vllm.ops.cuda import scoring  # noqa: E402
 from prhs_vllm.ops.ref import page_logits as ref_page_logits  # noqa: E402
 from prhs_vllm.ops.ref.quant import QuantizedCentroids  # noqa: E402
+
+# With a GPU, a missing prhs_vllm._C fails every test (tests/gpu/conftest.py).
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("csrc_extension")]
 
 DEVICE = "cuda"
 csrc = scoring.page_logits

@@ -22,13 +22,12 @@ from prhs_vllm.ops.cuda.sparse_decode import SparseDecodeArgumentError
 from prhs_vllm.ops.ref.sparse_decode_indexed import compact_keep
 from prhs_vllm.ops.ref.sparse_decode_indexed import sparse_paged_decode_indexed as reference
 
+# Skipped without a CUDA GPU; with one, a missing prhs_vllm._C fails every test
+# (tests/gpu/conftest.py).
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(
-        torch.cuda.is_available() and not cuda_ops.is_available(),
-        reason="prhs_vllm._C is not built (python setup.py build_ext --inplace)",
-    ),
+    pytest.mark.usefixtures("csrc_extension"),
 ]
 
 DEVICE = "cuda"

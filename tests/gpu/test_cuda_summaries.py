@@ -21,12 +21,6 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from prhs_vllm.ops.cuda import summaries  # noqa: E402
-from prhs_vllm.ops.cuda.sparse_decode import is_available  # noqa: E402
-
-if not is_available():
-    pytest.skip("prhs_vllm._C is not built", allow_module_level=True)
-
 from test_triton_ops import (  # noqa: E402
     KEY_DTYPES,
     SUMMARY_SHAPES,
@@ -43,9 +37,13 @@ from test_triton_ops import (  # noqa: E402
     strided_keys,
 )
 
+from prhs_vllm.ops.cuda import summaries  # noqa: E402
 from prhs_vllm.ops.ref import update_page_summaries as ref_update  # noqa: E402
 from prhs_vllm.ops.ref import write_cache_and_summaries as ref_write  # noqa: E402
 from prhs_vllm.ops.ref.quant import QuantizedCentroids  # noqa: E402
+
+# With a GPU, a missing prhs_vllm._C fails every test (tests/gpu/conftest.py).
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("csrc_extension")]
 
 DEVICE = "cuda"
 DTYPES = KEY_DTYPES

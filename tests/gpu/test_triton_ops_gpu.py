@@ -189,12 +189,6 @@ def select_knobs(case: str, num_kv_heads: int) -> dict:
     return knobs
 
 
-@pytest.mark.parametrize("case", ["budget", "delta", "blocks-per-head", "tiny-budget"])
-def test_select_compact_16ary_search(gen, case):
-    check_select_compact(gen, DEVICE, 16, 8, 4, 2048, search=16, **select_knobs(case, 8))
-    check_select_compact(gen, DEVICE, 4, 3, 4, 700, ties=True, search=16, **select_knobs(case, 3))
-
-
 @pytest.mark.parametrize("case", ["delta", "blocks-per-head"])
 def test_select_compact_without_bound(gen, case):
     check_select_compact(gen, DEVICE, 16, 8, 4, 2048, with_bound=False, **select_knobs(case, 8))

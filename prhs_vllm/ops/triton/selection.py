@@ -37,14 +37,6 @@ from prhs_vllm.ops.ref.selection import (
 _KEY_MAX = tl.constexpr(0x7F800001)  # bits of +inf, plus one: above every block key
 
 
-def _search_rounds(arity: int) -> int:
-    """Rounds that shrink a range of _KEY_MAX + 1 values to one, arity-ary."""
-    size, rounds = 0x7F800002, 0
-    while size > 1:
-        size, rounds = -(-size // arity), rounds + 1
-    return rounds
-
-
 @triton.jit
 def _group_mass(x, valid, GROUP: tl.constexpr):
     """exp(x - max) / sum over the tile, divided by GROUP; 0 where the tile is all -inf."""
@@ -121,17 +113,14 @@ def _select_kernel(
     USE_WINDOW: tl.constexpr,
     HAS_PREV: tl.constexpr,
     HAS_HEADS: tl.constexpr,
-    SEARCH: tl.constexpr,
-    SEARCH_ROUNDS: tl.constexpr,
     WITH_BOUND: tl.constexpr,
     RAISE: tl.constexpr,
     DENSE_OVER: tl.constexpr,
 ):
-    """Grid (N, heads of this block size). SEARCH: 2 (bisection) or a larger
-    power of 2 (that many thresholds per round, fewer rounds). Outputs are contiguous:
-    keep [N, Hkv, M] uint8, slots [N, Hkv, M] int32, count, kept_mass and
-    over [N, Hkv], bound_lse [N, Hkv, GROUP] (the dropped estimate's). RAISE:
-    alpha > 0; DENSE_OVER: a capped (row, head) keeps every page."""
+    """Grid (N, heads of this block size). Outputs are contiguous: keep [N, Hkv, M]
+    uint8, slots [N, Hkv, M] int32, count, kept_mass and over [N, Hkv], bound_lse
+    [N, Hkv, GROUP] (the dropped estimate's). RAISE: alpha > 0; DENSE_OVER: a
+    capped (row, head) keeps every page."""
     n = tl.program_id(0).to(tl.int64)
     if HAS_HEADS:
         h = tl.load(heads_ptr + tl.program_id(1)).to(tl.int64)
@@ -200,33 +189,18 @@ def _select_kernel(
     limit_mass = open_weight - delta
 
     # Smallest t whose blocks above t all fit: within the cap, and (delta rule)
-    # with their estimated mass below 1 - delta.
+    # with their estimated mass below 1 - delta. Bisection, 31 rounds of one
+    # block-wide reduction (wider searches were slower: docs/results.md).
     lo = tl.zeros([], tl.int32)
     hi = tl.full([], _KEY_MAX, tl.int32)
-    if SEARCH == 2:  # bisection: 31 rounds of one block-wide reduction
-        for _ in range(31):
-            mid = lo + (hi - lo) // 2
-            above = key > mid
-            ok = tl.sum(tl.where(above, block_pages, 0), axis=0) <= room
-            if USE_DELTA:
-                ok = ok & (tl.sum(tl.where(above, block_stop, 0.0), axis=0) < limit_mass)
-            hi = tl.where(ok, mid, hi)
-            lo = tl.where(ok, lo, mid + 1)
-    else:  # SEARCH-ary: fewer rounds, SEARCH thresholds tested per round
-        probe = tl.arange(0, SEARCH)
-        for _ in range(SEARCH_ROUNDS):
-            step = (hi - lo) // SEARCH + 1  # ceil of the range size / SEARCH
-            cut = tl.minimum(lo + (probe + 1) * step - 1, hi)  # [SEARCH], the last is hi
-            above = key[:, None] > cut[None, :]
-            ok = tl.sum(tl.where(above, block_pages[:, None], 0), axis=0) <= room
-            if USE_DELTA:
-                mass = tl.sum(tl.where(above, block_stop[:, None], 0.0), axis=0)
-                ok = ok & (mass < limit_mass)
-            first = tl.min(tl.where(ok, probe, SEARCH), axis=0)
-            # None fits (only possible at hi = _KEY_MAX): the search ends at hi.
-            new_lo = tl.where(first < SEARCH, lo + first * step, hi)
-            hi = tl.where(first < SEARCH, tl.minimum(lo + (first + 1) * step - 1, hi), hi)
-            lo = new_lo
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        above = key > mid
+        ok = tl.sum(tl.where(above, block_pages, 0), axis=0) <= room
+        if USE_DELTA:
+            ok = ok & (tl.sum(tl.where(above, block_stop, 0.0), axis=0) < limit_mass)
+        hi = tl.where(ok, mid, hi)
+        lo = tl.where(ok, lo, mid + 1)
     above = key > hi
     taken_pages = tl.sum(tl.where(above, block_pages, 0), axis=0)
     taken_mass = tl.sum(tl.where(above, block_stop, 0.0), axis=0)
@@ -337,18 +311,6 @@ def select_compact(
         int32 (ascending, then -1), num_kept [N, Hkv] int32, dropped_est_lse
         [N, Hkv, G] float32 (None without with_bound).
     """
-    return _select_compact(logits, seq_lens, params, prev_keep, with_bound, search=2)
-
-
-def _select_compact(
-    logits, seq_lens, params, prev_keep=None, with_bound=True, *, search: int,
-    num_warps: int | None = None,
-) -> Selection:  # fmt: skip
-    """``select_compact`` with the threshold search's arity (tests and benchmark
-    sweeps): 2 bisects (31 rounds), 16 tests 16 thresholds a round (8 rounds);
-    num_warps overrides ``_launch_config``'s."""
-    if search < 2 or search & (search - 1):
-        raise ValueError(f"search arity must be a power of 2 >= 2, got {search}")
     require_supported(params)
     est, upper, lower = logits
     if not (est.stride() == upper.stride() == lower.stride()):
@@ -395,12 +357,10 @@ def _select_compact(
                 USE_WINDOW=params.window_start > 0,
                 HAS_PREV=etf,
                 HAS_HEADS=heads is not None,
-                SEARCH=search,
-                SEARCH_ROUNDS=_search_rounds(search),
                 WITH_BOUND=with_bound,
                 RAISE=params.dropped_weight > 0,
                 DENSE_OVER=params.over_budget == "dense",
-                num_warps=num_warps or warps,
+                num_warps=warps,
             )  # fmt: skip
     return Selection(
         keep=keep.view(torch.bool),
