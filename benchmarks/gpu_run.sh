@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (vLLM 0.26.0 staged): the phases named on the command line,
 # results in $OUT. Phases: setup, tests, greedy, ops, attention, sweep-splits,
-# read-floor, cache-write, profile, e2e-full:dense|full|piecewise, e2e-full-compare,
+# read-floor, cache-write, profile, e2e-profiles, e2e-full:dense|full|piecewise, e2e-full-compare,
 # full-graph-memory, fallback-cpu, graphs, ab-attention, ab-ops, ab-e2e.
 # benchmarks/README.md says which phase made which result.
 #   bash benchmarks/gpu_run.sh setup tests ops
@@ -108,6 +108,13 @@ for phase in "$@"; do
       "${e2e[@]}" "${args[@]}" --context 32768 --gpu-memory-utilization 0.95 --in-process \
         --repeats 3 --max-num-seqs "${E2E_SEQS:-16}" "${extra[@]}" \
         --out "$out/e2e_full_graphs.jsonl" 2>&1 | grep '^{' | cut -c1-300 ;;
+    e2e-profiles)  # the two profiles against dense, 12 x 32K in-process, 2 runs each
+      # (benchmarks/results/2026-12-h100-profiles)
+      for cfg in dense configs/fixed-budget.yaml configs/default.yaml; do
+        if [ $cfg = dense ]; then args=(--backend dense); else args=(--backend prhs --config $cfg); fi
+        "${e2e[@]}" "${args[@]}" --context 32768 --gpu-memory-utilization 0.95 --in-process \
+          --repeats 2 --out "$out/e2e_profiles_b12x32k.jsonl" 2>&1 | grep '^{' | cut -c1-300
+      done ;;
     e2e-full-compare)  # the e2e-full runs: tok/s, and whether greedy tokens equal the first run's
       python3 - "$out/e2e_full_graphs.jsonl" <<'EOF'
 import json, sys

@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def write() -> None:
-        (args.out / "retrieval.json").write_text(json.dumps(report, indent=1) + "\n")
+        (args.out / "retrieval.json").write_text(json.dumps(report) + "\n")
         (args.out / "retrieval.md").write_text(markdown(report))
 
     for spec in specs:

@@ -437,3 +437,92 @@ def test_summary_memory_per_page():
     assert PageSummaries.bytes_per_page(8, 128) == 12 * 8 * 128
     assert PageSummaries.bytes_per_page(8, 128, "int8") == 8 * (128 + 4 * 128)
     assert PageSummaries.bytes_per_page(8, 128, "int4") == 8 * (64 + 4 * 128)
+
+
+# --------------------------------------------------------------------------- the delta contract
+
+
+def _exact_logits(gen, lens, num_kv_heads=3, group=2, sharp=2.0):
+    """PageLogits whose estimate is the truth (est == upper == lower), so the
+    delta rule's estimate is exact, over [N, Hkv, G, M] random page masses."""
+    num_slots = max(-(-n // BS) for n in lens)
+    x = sharp * torch.randn(len(lens), num_kv_heads, group, num_slots, generator=gen)
+    pages = torch.tensor([-(-n // BS) for n in lens])
+    x = x.masked_fill(torch.arange(num_slots)[None, None, None, :] >= pages[:, None, None, None],
+                      -math.inf)  # fmt: skip
+    return PageLogits(x, x, x), torch.tensor(lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("over_budget", ["dense", "cap"])
+def test_exact_estimate_keeps_the_contract_where_the_budget_allows(seed, over_budget):
+    """Where the estimate is the truth, every selection the budget did not stop
+    drops at most delta; over_budget 'dense' keeps every page of those it did
+    stop, 'cap' keeps at most the cap and flags them the same."""
+    gen = torch.Generator().manual_seed(seed)
+    lens = [int(n) for n in torch.randint(64, 2000, (5,), generator=gen)]
+    logits, seq_lens = _exact_logits(gen, lens)
+    p = params(budget=0.2, delta=0.05, over_budget=over_budget, dropped_weight=0.3)
+    sel = select_from_logits(logits, seq_lens, p)
+    mass = torch.softmax(logits.est.double(), -1).mean(2)
+    true = (mass * ~sel.keep).sum(-1)
+    num_pages = -(-seq_lens.long() // BS)
+    valid = torch.arange(mass.shape[-1])[None, :] < num_pages[:, None]
+    met = ~sel.over_budget
+    assert (true[met] <= 0.05 + 1e-6).all()
+    torch.testing.assert_close(1 - sel.est_kept_mass.double(), true, atol=1e-5, rtol=0)
+    if over_budget == "dense":
+        assert torch.equal(sel.keep[sel.over_budget], valid[:, None, :].expand_as(sel.keep)[
+            sel.over_budget])  # fmt: skip
+    else:
+        cap = torch.ceil(0.2 * num_pages.double()).long()
+        must = mandatory_pages(num_pages, mass.shape[-1], p).sum(-1)
+        assert (sel.keep.sum(-1) <= torch.maximum(cap, must)[:, None]).all()
+    other = select_from_logits(logits, seq_lens, params(
+        budget=0.2, delta=0.05, over_budget="cap" if over_budget == "dense" else "dense",
+        dropped_weight=0.3))  # fmt: skip
+    assert torch.equal(other.over_budget, sel.over_budget)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dropped_weight_only_adds_pages(gen, kind):
+    """A larger weight raises every dropped page's estimate: the fill goes on at
+    least as long, so no selection keeps fewer pages (same ranking)."""
+    query, key_cache, _, table, seq_lens, sums = make_case(gen, kind)
+    counts = []
+    for weight in (0.0, 0.05, 0.1, 0.3, 1.0):
+        p = params(budget=1.0, delta=0.05, over_budget="dense", dropped_weight=weight)
+        counts.append(select_pages(query, *sums, table, seq_lens, p).keep.sum(-1))
+    for fewer, more in zip(counts, counts[1:], strict=False):
+        assert (more >= fewer).all()
+
+
+def test_all_pages_selection_reports_nothing_dropped():
+    gen = torch.Generator().manual_seed(3)
+    logits, seq_lens = _exact_logits(gen, [900, 1500], sharp=0.1)  # flat: delta needs most pages
+    sel = select_from_logits(logits, seq_lens, params(budget=0.1, delta=0.01, over_budget="dense"))
+    assert sel.over_budget.all()
+    assert torch.equal(sel.est_kept_mass, torch.ones_like(sel.est_kept_mass))
+    assert torch.isneginf(sel.dropped_est_lse).all()
+
+
+def test_selection_params_reject_unknown_contract_values():
+    with pytest.raises(ValueError, match="over_budget"):
+        params(over_budget="skip")
+    with pytest.raises(ValueError, match="dropped_weight"):
+        params(dropped_weight=2.0)
+
+
+def test_oracle_count_at_matches_a_sorted_fill():
+    """The audit's oracle keeps the sinks and window, then the heaviest pages,
+    until no more than the given mass is left out."""
+    from prhs_vllm.eval.replay import oracle_count_at
+
+    mass = torch.tensor([[[0.5, 0.05, 0.2, 0.1, 0.15, 0.0]]], dtype=torch.float64)  # [1, 1, 6]
+    must = torch.tensor([[True, False, False, False, False, False]])
+    num_pages = torch.tensor([6])
+    counts = [
+        oracle_count_at(mass, must, num_pages, torch.tensor([[d]])).item()
+        for d in (0.5, 0.3, 0.15, 0.05, 0.0)
+    ]
+    assert counts == [1, 2, 3, 4, 5]

@@ -64,7 +64,23 @@ BASE = dict(block_size=16, budget=0.125, delta=0.0, sink_tokens=64, local_tokens
 """Fixed budget 1/8 with the default sinks and recent window: the base of every row."""
 
 DELTA = dict(budget=1.0, delta=0.05)
+DEFAULT_PROFILE = dict(budget=1.0, delta=0.05, over_budget="dense", dropped_weight=0.1)
+"""The default config's selection (``configs/default.yaml``)."""
+FIXED_PROFILE = dict(budget=0.0625, delta=0.05, over_budget="cap", dropped_weight=0.0,
+                     exact_centroid=False)  # fmt: skip
+"""``configs/fixed-budget.yaml``'s selection (int8 centroids)."""
 VARIANTS: tuple[Variant, ...] = (
+    Variant("default profile (delta 0.05, dropped_weight 0.1, over budget: dense)",
+            DEFAULT_PROFILE),
+    Variant("default profile, budget 1/2 (over budget: dense)", dict(DEFAULT_PROFILE, budget=0.5)),
+    Variant("default profile, int8 centroids", dict(DEFAULT_PROFILE, exact_centroid=False),
+            centroid_bits=8),
+    Variant("delta 0.05, centroid estimate (dropped_weight 0)", dict(DEFAULT_PROFILE,
+                                                                     dropped_weight=0.0)),
+    Variant("delta 0.05, dropped_weight 0.05", dict(DEFAULT_PROFILE, dropped_weight=0.05)),
+    Variant("delta 0.05, dropped_weight 0.2", dict(DEFAULT_PROFILE, dropped_weight=0.2)),
+    Variant("delta 0.02 (default otherwise)", dict(DEFAULT_PROFILE, delta=0.02)),
+    Variant("fixed-budget profile (1/16, int8, cap)", FIXED_PROFILE, centroid_bits=8),
     Variant("oracle pages, budget 1/8", oracle=True),
     Variant("centroid, budget 1/8", dict(estimator="centroid")),
     Variant("quest bound, budget 1/8", dict(estimator="quest")),
@@ -85,7 +101,6 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("delta 0.05, certified + full exact scoring", dict(DELTA, delta_control="certified",
                                                                rerank=8.0)),
     Variant("time reuse tau 0.8, budget 1/8", reuse=ReuseParams(tau=0.8)),
-    Variant("time reuse tau 0.8 + head sharing", reuse=ReuseParams(tau=0.8, share_heads=True)),
     Variant("time reuse tau 0.9, budget 1/8", reuse=ReuseParams(tau=0.9)),
     Variant("time reuse tau 0.6, age 16, budget 1/8", reuse=ReuseParams(tau=0.6, max_age=16)),
     Variant("time reuse tau 0.6, age 16, no dilation", reuse=ReuseParams(tau=0.6, max_age=16,
@@ -156,6 +171,7 @@ def summarize(variant: Variant, by_layer: dict[int, list[StepMeasures]], delta: 
     est = _cat(ms, "est_dropped").double()
     cert = _cat(ms, "certified").double()
     kept = _cat(ms, "kept_fraction").double()
+    oracle_kept = _cat(ms, "oracle_kept_fraction").double()
     reused = _cat(ms, "reused").double()
     knobs = {**BASE, **variant.knobs}
     scored = 1.0 - reused
@@ -178,6 +194,7 @@ def summarize(variant: Variant, by_layer: dict[int, list[StepMeasures]], delta: 
         else math.nan,
         "bound_minus_true": (cert[ok] - true[ok]).mean().item() if ok.any() else math.nan,
         "kept_fraction": kept.mean().item(),
+        "kept_vs_oracle": kept.mean().item() / oracle_kept.mean().item(),
         "recall_top": _cat(ms, "recall").double().mean().item(),
         "reuse_rate": reused.mean().item(),
         "bytes_vs_dense": bytes_rel.mean().item(),
@@ -196,6 +213,7 @@ _COLUMNS = (
     ("bound_holds", "{:.3f}"),
     ("bound_minus_true", "{:.4f}"),
     ("kept_fraction", "{:.3f}"),
+    ("kept_vs_oracle", "{:.3f}"),
     ("recall_top", "{:.3f}"),
     ("reuse_rate", "{:.2f}"),
     ("bytes_vs_dense", "{:.3f}"),
@@ -266,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=2, help="essay windows")
     parser.add_argument("--queries", type=int, default=32, help="decode steps per window")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--only", nargs="*", default=None,
+        help="run only the variants whose name contains one of these strings",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     from tqdm import tqdm
@@ -279,10 +301,13 @@ def main(argv: list[str] | None = None) -> int:
         li for li, lay in enumerate(captures[0].layers)
         if lay.sliding_window is None and li not in dense
     ]  # fmt: skip
-    total = len(VARIANTS) * len(sparse_layers) * len(captures)
+    variants = [
+        v for v in VARIANTS if args.only is None or any(part in v.name for part in args.only)
+    ]
+    total = len(variants) * len(sparse_layers) * len(captures)
     with tqdm(total=total, desc="replay") as bar:
-        results = run_audit(captures, VARIANTS, dense, bar)
-    rows = [summarize(v, results[v.name]) for v in VARIANTS]
+        results = run_audit(captures, variants, dense, bar)
+    rows = [summarize(v, results[v.name]) for v in variants]
     args.out.mkdir(parents=True, exist_ok=True)
     command = "prhs-audit " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (
@@ -294,12 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         f"KV head); bytes / FLOPs relative to dense attention over the same context.\n\n"
     )
     (args.out / "ablation.md").write_text(header + markdown_table(rows))
-    (args.out / "ablation.json").write_text(json.dumps(rows, indent=1) + "\n")
-    default = "hybrid, budget 1/8 (default)"
+    (args.out / "ablation.json").write_text(json.dumps(rows) + "\n")
+    default = variants[0].name
     (args.out / "layers.md").write_text(
         header + f"Per layer, `{default}`:\n\n" + markdown_table(layer_rows(results[default]))
     )
-    _plots(results, args.out, [v.name for v in VARIANTS[:6]])
+    _plots(results, args.out, [v.name for v in variants[:6]])
     print(markdown_table(rows))
     return 0
 

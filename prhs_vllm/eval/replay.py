@@ -129,12 +129,9 @@ def page_window(
 
 @dataclass(frozen=True)
 class ReuseParams(ReuseConfig):
-    """The backend's reuse knobs (``ReuseConfig``), plus head sharing, which only
-    this replay implements: a KV head whose group-mean query is within tau of
-    an earlier, freshly scored head of the same step takes that head's pages."""
+    """The backend's reuse knobs (``ReuseConfig``), tau 0.8 unless given."""
 
     tau: float = 0.8
-    share_heads: bool = False
 
 
 @dataclass
@@ -148,6 +145,7 @@ class StepMeasures:
     recall: torch.Tensor
     reused: torch.Tensor
     keep: torch.Tensor  # [T, Hkv, M]
+    oracle_kept_fraction: torch.Tensor | None = None  # at the same true dropped mass
 
 
 def oracle_keep(win: PagedWindow, params: SelectionParams) -> torch.Tensor:
@@ -175,6 +173,8 @@ def measure(win: PagedWindow, keep: torch.Tensor, est_kept: torch.Tensor,
     rank = group_mass.argsort(-1, descending=True).argsort(-1)
     top = rank < kept_count[..., None]
     recall = (top & keep).sum(-1) / kept_count.clamp(min=1)
+    must = mandatory_pages(num_pages, keep.shape[-1], _MUST_PARAMS(win))
+    oracle = oracle_count_at(group_mass, must, num_pages, true_dropped)
     return StepMeasures(
         true_dropped=true_dropped.float(),
         est_dropped=(1 - est_kept).clamp(min=0).float(),
@@ -183,7 +183,41 @@ def measure(win: PagedWindow, keep: torch.Tensor, est_kept: torch.Tensor,
         recall=recall.float(),
         reused=reused,
         keep=keep,
+        oracle_kept_fraction=(oracle / num_pages[:, None]).float(),
     )
+
+
+def _MUST_PARAMS(win: PagedWindow) -> SelectionParams:
+    """The default sinks and recent window, which the oracle keeps as every selector does."""
+    return SelectionParams(
+        block_size=win.block_size, scale=win.scale, budget=1.0, delta=0.0,
+        sink_tokens=64, local_tokens=256,
+    )  # fmt: skip
+
+
+def oracle_count_at(
+    group_mass: torch.Tensor, must: torch.Tensor, num_pages: torch.Tensor, dropped: torch.Tensor
+) -> torch.Tensor:
+    """Pages the oracle keeps to drop at most ``dropped``: the sinks and the
+    recent window, then pages by true mass.
+
+    Args:
+        group_mass: [T, Hkv, M] true page masses (group mean); must: [T, M] bool;
+        num_pages: [T]; dropped: [T, Hkv] the true dropped mass to match.
+    Returns:
+        [T, Hkv] float64 page counts.
+    """
+    num_slots = group_mass.shape[-1]
+    valid = (torch.arange(num_slots)[None, :] < num_pages[:, None])[:, None, :]
+    cand = valid & ~must[:, None, :]
+    key = torch.where(cand, group_mass, torch.full_like(group_mass, -1.0))
+    sorted_mass = (group_mass * cand).gather(-1, key.argsort(dim=-1, descending=True))
+    total = sorted_mass.sum(-1, keepdim=True)
+    after = total - sorted_mass.cumsum(-1)  # dropped after taking the first k + 1
+    need = (after > dropped[..., None].double() + 1e-9).sum(-1) + 1
+    need = torch.where(total[..., 0] <= dropped.double() + 1e-9, torch.zeros_like(need), need)
+    need = torch.minimum(need, cand.sum(-1))
+    return (must.sum(-1)[:, None] + need).double()
 
 
 def replay_layer(
@@ -229,16 +263,6 @@ def replay_layer(
                     age[h] += 1
                 else:
                     anchor[h], age[h] = t, 0
-            if reuse.share_heads:
-                fresh = (~reused[t]).nonzero().flatten().tolist()
-                for h in fresh[1:]:
-                    for g in fresh:
-                        if g >= h:
-                            break
-                        if (qn[t, h].mean(0) @ qn[t, g].mean(0)).item() >= reuse.tau:
-                            keep[t, h] = keep[t, g]
-                            reused[t, h] = True
-                            break
     measures = measure(win, keep, est_kept.nan_to_num(0.0), bound, reused)
     # A reused step scores nothing: it has neither an estimate nor a bound.
     measures.est_dropped[reused] = float("nan")
