@@ -16,7 +16,7 @@ on held-out windows: calibrated sizes against uniform ones at equal cost.
 Usage::
 
     prhs-calibrate smollm2 --out configs/smollm2-135m.yaml \
-        [--report benchmarks/results/calibration-smollm2/report.md]
+        [--report benchmarks/results/2026-11-calibration-smollm2/report.md]
 """
 
 from __future__ import annotations

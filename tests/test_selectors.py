@@ -1,4 +1,4 @@
-"""Selectors of issue 4 against their definitions: the mean-constrained bound,
+"""The selectors against their definitions: the mean-constrained bound,
 exact rerank, certified delta control, per-head block sizes, PSAW, ETF, time
 reuse (replay), and calibration."""
 

@@ -170,7 +170,7 @@ inline cudaError_t sm_count(int device, int* count) {
 // never more. A CTA count just past a whole wave leaves the next wave nearly
 // empty, and each further wave pays a CTA's fixed latency again (kept_slots ->
 // block_table -> K/V are dependent loads before the first byte streams). H100,
-// 12 / 16 rows x 8 KV heads x 32K, 1/16 (benchmarks/results/h100-session9/):
+// 12 / 16 rows x 8 KV heads x 32K, 1/16 (docs/results.md; tag archive/results-history):
 // 5 / 4 splits (480 / 512 CTAs of 528) took 0.051 / 0.062 ms, 6 / 5 splits
 // (576 / 640: the old ceil) 0.066 / 0.088 ms, 11 / 8 splits (two waves)
 // 0.060 / 0.069 ms.
@@ -180,7 +180,7 @@ inline int64_t one_wave_splits(int64_t units, int64_t target) {
 
 // The busiest SM's share of a one-wave grid of `ctas` CTAs of `pages_per_cta`
 // kept pages each: what the plan minimises over ring depths. H100, 12 / 16 /
-// 32 rows x 8 KV heads x 32K (benchmarks/results/h100-session14/): it picks
+// 32 rows x 8 KV heads x 32K (docs/results.md; tag archive/results-history): it picks
 // the faster depth in each of the six shapes timed (1/16 and 1/8), e.g. at
 // 12 rows the deep ring's 4 splits (3 CTAs on the busiest SM x 32 pages,
 // 0.0448 ms) over the shallow one's 5 (4 x 26, 0.0473 ms).

@@ -427,7 +427,7 @@ __global__ void __launch_bounds__(kThreads, GMAX >= 8 ? 2 : STAGES <= kShallowSt
   // The barrier orders the CTA's partial writes before thread 0's release
   // fence and count (cumulativity): one acq_rel fence a CTA. A __threadfence()
   // in every thread (fence.sc: MEMBAR.SC.GPU + CCTL.IVALL) made the whole
-  // kernel 5-8% slower on the H100 (benchmarks/results/h100-session10/).
+  // kernel 5-8% slower on the H100 (docs/results.md).
   int* is_last = seg_valid;  // the segment table is no longer read
   __syncthreads();
   if (threadIdx.x == 0) {

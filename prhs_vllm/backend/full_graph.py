@@ -127,7 +127,7 @@ def dense_rows_metadata(base: Any, dense_lens: torch.Tensor) -> Any:
     step itself, on these lengths. vLLM's split count is kept, so a step with
     no sparse row computes what vLLM's own graph does. The price: with every
     row sparse, the kernel still took ~15 us a sparse layer at vLLM's 32
-    splits for graphs on an H100 (benchmarks/results/h100-session11/)."""
+    splits for graphs on an H100 (docs/results.md)."""
     import dataclasses
 
     return dataclasses.replace(base, seq_lens=dense_lens, scheduler_metadata=None)

@@ -3,7 +3,7 @@ run eagerly or replayed from a CUDA graph.
 
 Launched op by op, the step costs ~100 kernel launches a layer, several times
 the GPU time (H100, batch 8 x 32K: 3.8 ms of host time against 0.47 ms on the
-GPU per layer, benchmarks/results/h100-kernels/profile_decode_b8x32k.txt).
+GPU per layer, docs/results.md).
 `StepGraphs` captures the step once per (rows, page slots) bucket and replays
 it from static buffers.
 """

@@ -429,8 +429,8 @@ case("decode", lambda: torch.ops.prhs.sparse_paged_decode(
 def test_cpp_checks_raise_runtime_error():
     """Fails where the extension was built by a toolchain whose exceptions do not
     cross into torch: the H100 image's /opt/gcc wrapper did that (the process
-    died with SIGSEGV); its system gcc does not (benchmarks/probe_cpp_errors.sh,
-    benchmarks/gpu_setup.sh builds with it)."""
+    died with SIGSEGV); its system gcc does not (`benchmarks/gpu_run.sh setup`
+    builds with it)."""
     import subprocess
     import sys
 

@@ -120,7 +120,7 @@ def _page_logits_kernel(
 
 def _page_logits_config(head_dim: int) -> tuple[int, int]:
     """(BLOCK_M, num_warps): ~2K float32 per summary tile keeps three tiles in
-    registers (H100 sweep: ``benchmarks/kernel_sweep.py``)."""
+    registers (an H100 sweep: docs/results.md)."""
     return max(8, 2048 // triton.next_power_of_2(head_dim)), 4
 
 

@@ -284,7 +284,7 @@ def _head_groups(block_pages, num_kv_heads: int, device):
 def _launch_config(num_slots: int, bp: int) -> tuple[int, int]:
     """(NB, num_warps): the row's slots in registers, ~8 per thread per tile
     (H100, 12 rows x 2048 / 2560 slots, tiles of 2048 / 4096: 8 per thread took
-    25% / 17% less time than 16; benchmarks/results/h100-session5/kernel_sweep.jsonl)."""
+    25% / 17% less time than 16; docs/results.md)."""
     nb = triton.next_power_of_2(max(1, -(-num_slots // bp)))
     return nb, min(16, max(4, nb * triton.next_power_of_2(bp) // 256))
 
