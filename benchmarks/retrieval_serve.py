@@ -159,7 +159,7 @@ def markdown(report: dict) -> str:
     kinds = [k for k in KINDS if any(c["kind"] == k for c in cases)]
     suite = report["suite"]
     lines = [
-        "# Retrieval: dense vs prhs (SmolLM2-135M-Instruct, CPU)",
+        f"# Retrieval: dense vs prhs ({Path(str(report.get('model', '?'))).name}, CPU)",
         "",
         f"Command: `{report['command']}`  ",
         f"Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs  ",

@@ -300,6 +300,7 @@ def test_retrieval_serve_report(tmp_path):
     ]  # fmt: skip
     report = {
         "command": "python benchmarks/retrieval_serve.py",
+        "model": "/root/.cache/prhs-vllm/smollm2-135m-instruct",
         "machine": {"platform": "Linux", "cpus": 2},
         "suite": {"lengths": [2100, 4000], "depths": [0.1, 0.9], "kinds": ["number"],
                   "seed": 0, "haystack": "filler", "limit": 0, "max_tokens": 12},
@@ -307,6 +308,7 @@ def test_retrieval_serve_report(tmp_path):
         "cases": cases,
     }  # fmt: skip
     md = bench.markdown(report)
+    assert md.startswith("# Retrieval: dense vs prhs (smollm2-135m-instruct, CPU)")
     assert "| dense | 1/0/0 | 0/0/1 | 1/0/1 |" in md
     assert "| default | 0/0/1 | 0/0/1 | 0/0/2 |" in md
     assert "1 cases differ in grade, 1 needles that dense found are lost" in md
