@@ -29,7 +29,6 @@ import platform
 import shlex
 import sys
 import time
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -46,29 +45,12 @@ from prhs_vllm.eval.retrieval import (  # noqa: E402
     grade,
     retrieval_cases,
 )
-from tests.e2e_server import vllm_server  # noqa: E402
+from tests.e2e_server import scrape_metrics, vllm_server  # noqa: E402
 
 #: The CPU server arguments of tests/test_e2e_serve.py (max-model-len and
 #: max-num-seqs come from the options).
 SERVER_ARGS = ["--dtype", "bfloat16", "--block-size", "32", "--enforce-eager"]
 SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "PRHS_STATS_FLUSH_S": "0"}
-
-
-def prhs_samples(base: str) -> dict[str, float]:
-    """Every ``prhs_*`` sample of ``/metrics``, labelled ones included, as
-    {sample name with its labels: value}."""
-    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line.startswith("prhs_"):
-            continue
-        name, _, value = line.rpartition(" ")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            continue
-    return out
 
 
 def server_specs(configs: list[str], dense: bool) -> list[dict]:
@@ -316,12 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with vllm_server(model, report["server_args"] + spec["args"], log, SERVER_ENV) as base:
                 entry["startup_seconds"] = round(time.perf_counter() - t_server, 1)
-                entry["metrics_before"] = prhs_samples(base)
+                entry["metrics_before"] = scrape_metrics(base, prefix="prhs_", labelled=True)
                 t_run = time.perf_counter()
                 results = run_cases(base, model, cases, args.max_tokens, args.max_num_seqs, name)
                 entry["run_seconds"] = round(time.perf_counter() - t_run, 1)
                 time.sleep(0.5)
-                entry["metrics_after"] = prhs_samples(base)
+                entry["metrics_after"] = scrape_metrics(base, prefix="prhs_", labelled=True)
         except Exception as e:  # noqa: BLE001 - report the failure, go on with the next server
             entry["error"] = f"{type(e).__name__}: {e}"
             print(f"[{name}] failed: {entry['error']}", flush=True)

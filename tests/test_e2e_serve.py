@@ -11,12 +11,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-from tests.e2e_server import scrape_metrics, vllm_server
+from tests.e2e_server import scrape_metrics, smollm2_dir, vllm_server
 
 pytestmark = pytest.mark.e2e
 
@@ -55,12 +54,7 @@ SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "PRHS_STATS_FLUSH_S": "0"}
 
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
-    from prhs_vllm.models import prepare_smollm2
-
-    target = os.environ.get("PRHS_SMOLLM2_DIR") or str(
-        Path.home() / ".cache" / "prhs-vllm" / "smollm2-135m-instruct"
-    )
-    return prepare_smollm2(target)
+    return smollm2_dir()
 
 
 @pytest.fixture(scope="module")

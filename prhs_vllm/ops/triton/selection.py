@@ -59,20 +59,23 @@ def _tight_bound(est, upper, lower):
 
 
 @triton.jit
-def _dropped_weight(est, upper, lower, valid, alpha, GROUP: tl.constexpr, RAISE: tl.constexpr):
-    """``ref.dropped_page_weights`` of one query head (before the group mean's
-    sum): exp(min(0, raised log-mass - log of the tile's centroid total)) / GROUP."""
+def _centroid_and_dropped(est, tight, valid, alpha, GROUP: tl.constexpr, RAISE: tl.constexpr):
+    """One query head's (``_group_mass(est)``, ``ref.dropped_page_weights``
+    term), sharing the tile's max and sum: the centroid's normalized mass, and
+    exp(min(0, raised log-mass - log of the tile's centroid total)), each / GROUP."""
     x = tl.where(valid, est, float("-inf"))
     m = tl.max(tl.max(x, axis=1), axis=0)
     shift = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.sum(tl.sum(tl.where(valid, tl.exp(x - shift), 0.0), axis=1), axis=0)
+    p = tl.where(valid, tl.exp(x - shift), 0.0)
+    total = tl.sum(tl.sum(p, axis=1), axis=0)
+    centroid = tl.where(total > 0, p / tl.where(total > 0, total, 1.0), 0.0) / GROUP
     log_z = shift + tl.log(tl.where(total > 0, total, 1.0))
     raised = est
     if RAISE:
-        live = est > float("-inf")
-        raised = est + alpha * tl.where(live, _tight_bound(est, upper, lower) - est, 0.0)
+        raised = est + alpha * tl.where(est > float("-inf"), tight - est, 0.0)
     share = tl.minimum(raised - log_z, 0.0)
-    return tl.where(total > 0, tl.where(valid, tl.exp(share), 0.0), 0.0) / GROUP
+    dropped = tl.where(total > 0, tl.where(valid, tl.exp(share), 0.0), 0.0) / GROUP
+    return centroid, dropped
 
 
 @triton.jit
@@ -163,13 +166,16 @@ def _select_kernel(
             upper = tl.load(upper_ptr + base + g * stride_lg, mask=in_row, other=float("-inf"))
         if ESTIMATOR >= 2 or RAISE:
             lower = tl.load(lower_ptr + base + g * stride_lg, mask=in_row, other=float("-inf"))
-        stop += _dropped_weight(est, upper, lower, in_row, alpha, GROUP, RAISE)
-        if ESTIMATOR != 1:
-            centroid += _group_mass(est, in_row, GROUP)
+        tight = est
+        if ESTIMATOR >= 2 or RAISE:
+            tight = _tight_bound(est, upper, lower)
+        head_centroid, head_dropped = _centroid_and_dropped(est, tight, in_row, alpha, GROUP, RAISE)
+        stop += head_dropped
+        centroid += head_centroid
         if ESTIMATOR == 1:  # quest
             rank += _group_mass(upper, in_row, GROUP)
         elif ESTIMATOR >= 2:  # bound, hybrid
-            rank += _group_mass(_tight_bound(est, upper, lower), in_row, GROUP)
+            rank += _group_mass(tight, in_row, GROUP)
     if ESTIMATOR == 0:
         rank = centroid
     elif ESTIMATOR == 3:
